@@ -1,0 +1,1 @@
+"""The sans-IO engine: pure state machines, no sockets, no clock, no global randomness."""
