@@ -1,0 +1,1 @@
+"""Deterministic simulation of many allocators over a faulty network."""

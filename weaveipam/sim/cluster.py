@@ -1,0 +1,422 @@
+"""A deterministic simulated cluster driving the real allocator code.
+
+One seeded RNG, one simulated clock, a message queue with latency, loss, duplication and
+partitions, crashes that restart from the persisted records, joins, and rmpeer.  Given the
+same arguments a run replays exactly.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from sortedcontainers import SortedDict
+
+from ..core.addr import CIDR, Range
+from ..core.allocator import (
+    Allocate,
+    Allocator,
+    Claim,
+    Event,
+    InitMode,
+    Persist,
+    Release,
+    Reply,
+    Request,
+    RmPeer,
+    Send,
+)
+from ..core.records import Snapshot
+from .wire import roundtrip, size_of
+
+
+@dataclass
+class Faults:
+    loss: float = 0.0
+    dup: float = 0.0
+    latency: tuple[float, float] = (0.001, 0.005)
+    partition_rate: float = 0.0   # per second
+    crash_rate: float = 0.0       # per second, cluster-wide
+    join_rate: float = 0.0
+    rmpeer_rate: float = 0.0
+
+
+@dataclass
+class SimNode:
+    idx: int
+    name: str
+    alloc: Allocator | None
+    disk: Snapshot = field(default_factory=Snapshot)
+    neighbours: set[int] = field(default_factory=set)
+    removed: bool = False        # rmpeer'd while down: its acknowledged allocations are gone
+    down_since: float = 0.0
+    next_ident: int = 0
+    bytes_sent: int = 0
+    rid_seq: int = 0
+    inflight: dict[int, Request] = field(default_factory=dict)
+
+
+class Violation(Exception):
+    pass
+
+
+def peer_name(i: int) -> str:
+    b = (i + 1).to_bytes(6, "big")
+    return ":".join(f"{x:02x}" for x in b)
+
+
+class Simulator:
+    def __init__(self, *, nodes: int, seed: int, universe: str = "10.32.0.0/12",
+                 consensus: int | None = None, degree: int = 30, faults: Faults | None = None,
+                 traffic: float = 5.0, tick: float = 0.1, fanout: int = 0,
+                 wire: bool = True, join_all: bool = True) -> None:
+        self.rng = random.Random(seed)
+        self.seed = seed
+        self.universe = CIDR.parse(universe)
+        self.now = 0.0
+        self.tick_s = tick
+        self.degree = degree
+        self.faults = faults or Faults()
+        self.traffic = traffic
+        self.fanout = fanout
+        self.wire = wire
+        self.init = InitMode("consensus", consensus or nodes)
+        self.nodes: list[SimNode] = []
+        self.queue: list[tuple[float, int, int, int, dict[str, Any]]] = []
+        self.qseq = 0
+        self.side: dict[int, int] = {}  # partition side per node; empty = healed
+        self.heal_at = 0.0
+        self.steps = 0
+        self.stats = {"allocations": 0, "claims": 0, "releases": 0, "failures": 0,
+                      "crashes": 0, "restarts": 0, "joins": 0, "rmpeers": 0, "partitions": 0,
+                      "messages": 0, "dropped": 0}
+        # acknowledged holdings, as a client sees them: address -> (node, ident)
+        self.ledger: dict[int, tuple[int, str]] = {}
+        self.owned_index: SortedDict = SortedDict()  # start -> (end, node)
+        self.owned_of: dict[int, list[Range]] = {}
+        self.events: list[str] = []
+        for _ in range(nodes):
+            self._add_node(connect=join_all)
+
+    # ---- topology ------------------------------------------------------------------------
+
+    def _add_node(self, connect: bool = True) -> SimNode:
+        i = len(self.nodes)
+        name = peer_name(i)
+        n = SimNode(i, name, None)
+        self.nodes.append(n)
+        self._boot(n)
+        if connect:
+            others = [j for j in range(i) if len(self.nodes[j].neighbours) < self.degree]
+            self.rng.shuffle(others)
+            for j in others[: max(1, min(self.degree // 2, len(others)))]:
+                n.neighbours.add(j)
+                self.nodes[j].neighbours.add(i)
+        for m in self.nodes:
+            if m is not n and m.alloc is not None and self._connected(n.idx, m.idx):
+                m.alloc.peer_up(name, f"node{i}", self.now)
+                n.alloc.peer_up(m.name, f"node{m.idx}", self.now)  # type: ignore[union-attr]
+                self._drain(m)
+        self._drain(n)
+        return n
+
+    def _boot(self, n: SimNode) -> None:
+        snap = n.disk if n.disk.name is not None else None
+        n.alloc = Allocator(name=n.name, nickname=f"node{n.idx}", universe=self.universe,
+                            init=self.init, rng=random.Random(self.rng.random()),
+                            now=self.now, snapshot=snap)
+        self._drain(n)
+
+    def _connected(self, a: int, b: int) -> bool:
+        return self.side.get(a, 0) == self.side.get(b, 0)
+
+    def live(self) -> list[SimNode]:
+        return [n for n in self.nodes if n.alloc is not None]
+
+    # ---- message plumbing ----------------------------------------------------------------
+
+    def _drain(self, n: SimNode) -> None:
+        a = n.alloc
+        assert a is not None
+        for o in a.take_outputs():
+            if isinstance(o, Persist):
+                n.disk.apply(o.record)  # durable before anything else in the batch leaves
+            elif isinstance(o, Send):
+                self._send(n, o)
+            elif isinstance(o, Reply):
+                self._on_reply(n, o)
+            elif isinstance(o, Event) and o.level == "error":
+                self.events.append(f"{self.now:.1f} {n.name}: {o.text}")
+        self._reindex(n)
+
+    def _send(self, n: SimNode, s: Send) -> None:
+        msg = s.msg
+        if self.wire:
+            size, msg = size_of(msg), roundtrip(msg)
+            n.bytes_sent += size
+        if s.dest is None:
+            targets = [j for j in n.neighbours if self.nodes[j].alloc is not None]
+            if self.fanout and len(targets) > self.fanout:
+                targets = self.rng.sample(sorted(targets), self.fanout)
+        else:
+            targets = [j for j in self._index_of(s.dest)]
+        for j in targets:
+            self._enqueue(n.idx, j, msg)
+
+    def _index_of(self, name: str) -> list[int]:
+        # names are peer_name(i); parse back
+        try:
+            i = int(name.replace(":", ""), 16) - 1
+        except ValueError:
+            return []
+        return [i] if 0 <= i < len(self.nodes) else []
+
+    def _enqueue(self, src: int, dst: int, msg: dict[str, Any]) -> None:
+        f = self.faults
+        if not self._connected(src, dst) or self.rng.random() < f.loss:
+            self.stats["dropped"] += 1
+            return
+        copies = 2 if self.rng.random() < f.dup else 1
+        for _ in range(copies):
+            at = self.now + self.rng.uniform(*f.latency)
+            self.qseq += 1
+            heapq.heappush(self.queue, (at, self.qseq, src, dst, msg))
+
+    def _deliver_until(self, t: float) -> None:
+        while self.queue and self.queue[0][0] <= t:
+            at, _, src, dst, msg = heapq.heappop(self.queue)
+            self.now = max(self.now, at)
+            n = self.nodes[dst]
+            if n.alloc is None or not self._connected(src, dst):
+                self.stats["dropped"] += 1
+                continue
+            self.stats["messages"] += 1
+            n.alloc.receive(self.nodes[src].name, msg, self.now)
+            self._drain(n)
+            self.check_owners()
+
+    # ---- client side ---------------------------------------------------------------------
+
+    def request(self, n: SimNode, req: Request) -> int:
+        assert n.alloc is not None
+        n.rid_seq += 1
+        n.inflight[n.rid_seq] = req
+        n.alloc.request(n.rid_seq, req, self.now)
+        self._drain(n)
+        return n.rid_seq
+
+    def _on_reply(self, n: SimNode, r: Reply) -> None:
+        req = n.inflight.pop(r.rid, None)
+        if req is None:
+            return
+        if r.error is not None:
+            self.stats["failures"] += 1
+            return
+        if isinstance(req, Allocate | Claim):
+            a = int(r.value)
+            key = (n.idx, req.ident)
+            held = self.ledger.get(a)
+            if held is not None and held != key:
+                raise Violation(f"address {self.universe.fmt_addr(a)} acknowledged to "
+                                f"{key} while held by {held}")
+            self.ledger[a] = key
+            self.stats["allocations" if isinstance(req, Allocate) else "claims"] += 1
+        elif isinstance(req, Release):
+            for a in r.value:
+                if self.ledger.get(a) == (n.idx, req.ident):
+                    del self.ledger[a]
+            self.stats["releases"] += 1
+        elif isinstance(req, RmPeer):
+            self.stats["rmpeers"] += 1
+
+    def _traffic(self) -> None:
+        live = [n for n in self.live() if not n.removed]
+        if not live:
+            return
+        k = self._poisson(self.traffic * self.tick_s * len(live) / 10)
+        for _ in range(k):
+            n = self.rng.choice(live)
+            a = n.alloc
+            assert a is not None
+            x = self.rng.random()
+            if x < 0.55 or not a.allocs:
+                n.next_ident += 1
+                self.request(n, Allocate(f"c{n.next_ident}"))
+            elif x < 0.9:
+                ident = self.rng.choice(sorted(a.allocs))
+                self.request(n, Release(ident))
+            else:
+                off = self.rng.randrange(self.universe.size)
+                n.next_ident += 1
+                self.request(n, Claim(f"c{n.next_ident}", self.universe.start + off))
+
+    def _poisson(self, lam: float) -> int:
+        # Knuth; lam is small
+        import math
+        lim, k, p = math.exp(-lam), 0, 1.0
+        while True:
+            p *= self.rng.random()
+            if p <= lim:
+                return k
+            k += 1
+
+    # ---- faults --------------------------------------------------------------------------
+
+    def _faults(self, enabled: bool) -> None:
+        f, dt = self.faults, self.tick_s
+        if self.side and self.now >= self.heal_at:
+            self._heal()
+        if not enabled:
+            return
+        if not self.side and self.rng.random() < f.partition_rate * dt:
+            self._partition()
+        if self.rng.random() < f.crash_rate * dt:
+            up = [n for n in self.live() if not n.removed]
+            if len(up) > 2:
+                self._crash(self.rng.choice(up))
+        for n in self.nodes:
+            if n.alloc is None and self.now - n.down_since > self.rng.uniform(1, 30) \
+                    and self.rng.random() < 0.05:
+                self._restart(n)
+        if self.rng.random() < f.join_rate * dt:
+            self._add_node()
+            self.stats["joins"] += 1
+        if not self.side and self.rng.random() < f.rmpeer_rate * dt:
+            down = [n for n in self.nodes if n.alloc is None and not n.removed
+                    and self.now - n.down_since > 5]
+            if down:
+                self._rmpeer(self.rng.choice(down))
+
+    def _partition(self) -> None:
+        live = self.live()
+        k = self.rng.randint(1, max(1, len(live) // 2))
+        cut = {n.idx for n in self.rng.sample(live, k)}
+        self.side = {i: (1 if i in cut else 0) for i in range(len(self.nodes))}
+        self.heal_at = self.now + self.rng.uniform(1, 15)
+        self.stats["partitions"] += 1
+        self._reachability()
+
+    def _heal(self) -> None:
+        self.side = {}
+        self._reachability()
+
+    def _reachability(self) -> None:
+        live = self.live()
+        for a in live:
+            assert a.alloc is not None
+            for b in live:
+                if a is b:
+                    continue
+                if self._connected(a.idx, b.idx):
+                    if not a.alloc.peers.get(b.name) or not a.alloc.peers[b.name].reachable:
+                        a.alloc.peer_up(b.name, f"node{b.idx}", self.now)
+                elif a.alloc.peers.get(b.name) and a.alloc.peers[b.name].reachable:
+                    a.alloc.peer_down(b.name, self.now)
+            self._drain(a)
+
+    def _crash(self, n: SimNode) -> None:
+        n.alloc = None
+        n.inflight.clear()  # unanswered requests were never acknowledged
+        n.down_since = self.now
+        self.stats["crashes"] += 1
+        self._reindex(n)
+        for m in self.live():
+            assert m.alloc is not None
+            m.alloc.peer_down(n.name, self.now)
+
+    def _restart(self, n: SimNode) -> None:
+        if n.removed:
+            n.disk = Snapshot()  # the operator reset it: fresh state, same name
+            n.removed = False
+        self._boot(n)
+        self.stats["restarts"] += 1
+        for key_addr in [a for a, (i, _) in self.ledger.items() if i == n.idx]:
+            ident = self.ledger[key_addr][1]
+            assert n.alloc is not None
+            if key_addr not in n.alloc.allocs.get(ident, {}):
+                raise Violation(f"{n.name} lost acknowledged {ident} -> "
+                                f"{self.universe.fmt_addr(key_addr)} over a restart")
+        for m in self.live():
+            if m is not n and self._connected(m.idx, n.idx):
+                assert m.alloc is not None and n.alloc is not None
+                m.alloc.peer_up(n.name, f"node{n.idx}", self.now)
+                n.alloc.peer_up(m.name, f"node{m.idx}", self.now)
+                self._drain(m)
+        self._drain(n)
+
+    def _rmpeer(self, dead: SimNode) -> None:
+        live = [n for n in self.live() if not n.removed]
+        if not live:
+            return
+        callers = self.rng.sample(live, min(len(live), self.rng.choice([1, 1, 2])))
+        for c in callers:  # sometimes on two hosts at once (Weave #1949)
+            self.request(c, RmPeer(dead.name))
+        dead.removed = True
+        for a in [a for a, (i, _) in self.ledger.items() if i == dead.idx]:
+            del self.ledger[a]
+
+    # ---- invariants ----------------------------------------------------------------------
+
+    def believes(self, n: SimNode) -> bool:
+        a = n.alloc
+        return a is not None and a.synced and not a.fault and not a.left and not a.split
+
+    def _reindex(self, n: SimNode) -> None:
+        new = n.alloc.owned_ranges() if self.believes(n) and n.alloc else []
+        old = self.owned_of.get(n.idx, [])
+        if new == old:
+            return
+        for r in old:
+            if self.owned_index.get(r.start, (None, None))[1] == n.idx:
+                del self.owned_index[r.start]
+        self.owned_of[n.idx] = new
+        for r in new:
+            self._insert_owned(r, n.idx)
+
+    def _insert_owned(self, r: Range, idx: int) -> None:
+        oi = self.owned_index
+        i = oi.bisect_right(r.start)
+        if i > 0:
+            ps = oi.keys()[i - 1]
+            pe, pn = oi[ps]
+            if pe > r.start and pn != idx:
+                self._dup_owner(r, idx, pn)
+        if i < len(oi):
+            ns = oi.keys()[i]
+            if ns < r.end and oi[ns][1] != idx:
+                self._dup_owner(r, idx, oi[ns][1])
+        if r.start in oi and oi[r.start][1] != idx:
+            self._dup_owner(r, idx, oi[r.start][1])
+        oi[r.start] = (r.end, idx)
+
+    def _dup_owner(self, r: Range, a: int, b: int) -> None:
+        raise Violation(f"peers {self.nodes[a].name} and {self.nodes[b].name} both own "
+                        f"addresses in {self.universe.fmt_addr(r.start)}+{r.size}")
+
+    def check_owners(self) -> None:
+        """Cheap per-event check; the index is updated incrementally in _drain."""
+
+    def converged(self) -> bool:
+        live = [n for n in self.live()]
+        if not live:
+            return True
+        digests = {n.alloc.ring.digest() for n in live if n.alloc is not None}
+        return len(digests) == 1 and not any(n.alloc.ring.is_empty() for n in live
+                                             if n.alloc is not None)
+
+    # ---- running -------------------------------------------------------------------------
+
+    def step(self, *, faults: bool, traffic: bool) -> None:
+        self.steps += 1
+        end = self.now + self.tick_s
+        self._deliver_until(end)
+        self.now = end
+        self._faults(faults)
+        for n in self.live():
+            assert n.alloc is not None
+            n.alloc.tick(self.now)
+            self._drain(n)
+        if traffic:
+            self._traffic()

@@ -1,0 +1,591 @@
+"""Durable sqlite store for the allocator's records.
+
+The allocator is sans-IO: it emits `Record`s and the shell must make every record of
+one output batch durable before it replies or gossips anything from that batch.  This
+module is that durability: a single sqlite file in WAL mode with ``synchronous=FULL``,
+so a returned commit has been fsync'd.
+
+Async callers go through `Store.commit`, which hands records to one writer thread.
+While that thread is inside a transaction (and its fsync), further commits queue up
+and are written together in the next transaction ("group commit"), so many concurrent
+allocations cost one fsync instead of one each.  Each caller's future resolves only
+after the transaction holding its records has committed; if that transaction fails,
+exactly the callers in it get a `StoreError` and none of their records are kept.
+
+A store file is only ever opened by one `Store` (one daemon) at a time; the ordering
+counter is kept in memory on that assumption.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Final, TypeVar
+
+from weaveipam.core.records import (
+    ClearAllocations,
+    DelAllocation,
+    PutAllocation,
+    Record,
+    SetIdentity,
+    SetPaxos,
+    SetRing,
+    Snapshot,
+)
+
+__all__ = ["SCHEMA_VERSION", "Store", "StoreError", "discard_files"]
+
+SCHEMA_VERSION: Final = 1
+_ADDRESS_BYTES: Final = 16  # IPv6 ints exceed sqlite's 64-bit INTEGER: store 16-byte BE
+_ADDRESS_LIMIT: Final = 1 << (8 * _ADDRESS_BYTES)
+_RECORD_TYPES: Final = (
+    SetIdentity,
+    SetRing,
+    SetPaxos,
+    PutAllocation,
+    DelAllocation,
+    ClearAllocations,
+)
+
+# `idents` is not strictly needed to hold the data, but Snapshot.apply keeps an ident
+# at its first-insertion position even after that first address is deleted, and a
+# reload must reproduce that order exactly.
+_SCHEMA: Final = (
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB)",
+    "CREATE TABLE idents (ident TEXT PRIMARY KEY, seq INTEGER NOT NULL)",
+    "CREATE TABLE allocations ("
+    " ident TEXT NOT NULL, address BLOB NOT NULL, note TEXT NOT NULL,"
+    " seq INTEGER NOT NULL, PRIMARY KEY (ident, address))",
+)
+_TABLES: Final = frozenset({"meta", "idents", "allocations"})
+
+
+class StoreError(Exception):
+    """The store cannot do what was asked; the message says what is wrong and the fix."""
+
+
+@dataclass(slots=True)
+class _Pending:
+    """One awaiting `commit` call, queued for the writer thread."""
+
+    records: tuple[Record, ...]
+    future: asyncio.Future[None]
+    loop: asyncio.AbstractEventLoop
+
+
+class _Stop:
+    """Queue sentinel: the writer finishes what is queued before it, then exits."""
+
+
+_STOP: Final = _Stop()
+_T = TypeVar("_T")
+
+
+def _settle(fut: asyncio.Future[None], err: BaseException | None) -> None:
+    """Runs on the caller's loop; a caller that was cancelled just isn't told."""
+    if fut.done():
+        return
+    if err is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(err)
+
+
+def _encode_address(address: int) -> bytes:
+    return address.to_bytes(_ADDRESS_BYTES, "big")
+
+
+def _check_records(records: Iterable[Record]) -> tuple[Record, ...]:
+    """Reject malformed records before they are queued.
+
+    A bad record found inside the writer would fail the whole group-commit batch,
+    punishing unrelated callers; checking up front fails only the caller at fault.
+    """
+    out = tuple(records)
+    for rec in out:
+        if not isinstance(rec, _RECORD_TYPES):
+            raise StoreError(
+                f"cannot store {rec!r}: not a weaveipam record; pass only the record "
+                "types from weaveipam.core.records"
+            )
+        if isinstance(rec, PutAllocation | DelAllocation):
+            addr = rec.address
+            if isinstance(addr, bool) or not isinstance(addr, int):
+                raise StoreError(f"cannot store {rec!r}: address must be an int")
+            if not 0 <= addr < _ADDRESS_LIMIT:
+                raise StoreError(f"cannot store {rec!r}: address {addr} is outside 0..2**128-1")
+            if not isinstance(rec.ident, str):
+                raise StoreError(f"cannot store {rec!r}: ident must be a str")
+            if isinstance(rec, PutAllocation) and not isinstance(rec.note, str):
+                raise StoreError(f"cannot store {rec!r}: note must be a str")
+        elif isinstance(rec, SetRing | SetPaxos):
+            if not isinstance(rec.data, bytes | bytearray | memoryview):
+                raise StoreError(f"cannot store {rec!r}: data must be bytes")
+        elif isinstance(rec, SetIdentity):
+            if not isinstance(rec.name, str) or not isinstance(rec.universe, str):
+                raise StoreError(f"cannot store {rec!r}: name and universe must be str")
+    return out
+
+
+class Store:
+    """The allocator's durable state in one sqlite file.
+
+    `commit_sync`, `load` and `wipe` may be called from any thread; `commit` from any
+    event loop.  All database access is serialised on one connection.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path).absolute()  # error messages name the real file
+        #: committed transactions so far (commit_sync, commit batches, wipe); lets
+        #: tests and metrics see how well group commit is batching
+        self.transactions = 0
+        #: records written by those transactions
+        self.records_written = 0
+        self._db_lock = threading.Lock()  # guards _conn, _seq and the counters
+        self._state_lock = threading.Lock()  # guards _closed and _writer
+        self._queue: queue.SimpleQueue[_Pending | _Stop] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._closed = False
+        self._conn: sqlite3.Connection | None = self._open()
+        self._seq = self._max_seq()
+
+    # ------------------------------------------------------------------ opening
+
+    def _fix(self) -> str:
+        return (
+            f"move {self.path} aside (keep it for diagnosis) or run `weaveipam reset` "
+            "to start this peer with empty state"
+        )
+
+    def _open(self) -> sqlite3.Connection:
+        path = self.path
+        parent = path.parent
+        try:
+            if not parent.exists():
+                parent.mkdir(parents=True, mode=0o700)
+                os.chmod(parent, 0o700)  # mkdir's mode is filtered by the umask
+            created = not path.exists()
+            if not created and not path.is_file():
+                raise StoreError(
+                    f"store path {path} exists but is not a regular file; "
+                    "point weaveipam at a file path"
+                )
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
+        except OSError as e:
+            raise StoreError(
+                f"cannot create or open store {path}: {e}; check the directory exists "
+                "and is writable by this user"
+            ) from e
+        except sqlite3.Error as e:
+            raise StoreError(
+                f"cannot open store {path}: {e}; check permissions and disk space"
+            ) from e
+        try:
+            if created:
+                try:
+                    os.chmod(path, 0o600)  # allocations name pods: not world-readable
+                except OSError:
+                    pass
+            self._init_db(conn)
+            _fsync_dir(parent)  # make the db and -wal directory entries durable too
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _init_db(self, conn: sqlite3.Connection) -> None:
+        """Set durability pragmas, verify the file, create or check the schema."""
+        path = self.path
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()
+            if mode is None or str(mode[0]).lower() != "wal":
+                raise StoreError(
+                    f"store {path} could not be switched to WAL mode (got {mode!r}); "
+                    "put it on a local filesystem that supports shared memory"
+                )
+            conn.execute("PRAGMA synchronous=FULL")
+            # The file is small (one row per allocation), so a full check at start-up
+            # is cheap and beats discovering corruption halfway through a restore.
+            check = [str(row[0]) for row in conn.execute("PRAGMA quick_check")]
+            if check != ["ok"]:
+                raise StoreError(
+                    f"store {path} is corrupt ({'; '.join(check[:3])}); " + self._fix()
+                )
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._init_schema(conn)
+                conn.execute("COMMIT")
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+        except sqlite3.Error as e:
+            raise StoreError(
+                f"store {path} is not a readable weaveipam database ({e}); " + self._fix()
+            ) from e
+
+    def _init_schema(self, conn: sqlite3.Connection) -> None:
+        path = self.path
+        tables = {
+            str(row[0])
+            for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
+        if not tables:
+            for stmt in _SCHEMA:
+                conn.execute(stmt)
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
+                (SCHEMA_VERSION,),
+            )
+            return
+        if "meta" not in tables:
+            raise StoreError(
+                f"{path} is an sqlite database but not a weaveipam store (no meta "
+                "table); point weaveipam at a different file, or " + self._fix()
+            )
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        version = None if row is None else row[0]
+        if version != SCHEMA_VERSION:
+            raise StoreError(
+                f"store {path} has schema version {version!r} but this weaveipam only "
+                f"understands version {SCHEMA_VERSION}; run the weaveipam release that "
+                "wrote it, or " + self._fix()
+            )
+        missing = _TABLES - tables
+        if missing:
+            raise StoreError(
+                f"store {path} is missing table(s) {', '.join(sorted(missing))}; " + self._fix()
+            )
+
+    def _max_seq(self) -> int:
+        conn = self._require_conn()
+        try:
+            row = conn.execute(
+                "SELECT max(COALESCE((SELECT max(seq) FROM allocations), 0),"
+                " COALESCE((SELECT max(seq) FROM idents), 0))"
+            ).fetchone()
+        except sqlite3.Error as e:
+            conn.close()
+            self._conn = None
+            raise StoreError(f"cannot read store {self.path}: {e}; " + self._fix()) from e
+        return int(row[0])
+
+    def _require_conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreError(f"store {self.path} is closed; open a new Store to use it")
+        return self._conn
+
+    # ------------------------------------------------------------------ reading
+
+    def load(self) -> Snapshot:
+        """Rebuild the Snapshot the committed records describe.
+
+        Idents and each ident's addresses come back in first-insertion order, as
+        `Snapshot.apply` would have left them.
+        """
+        with self._db_lock:
+            conn = self._require_conn()
+            try:
+                conn.execute("BEGIN")  # one consistent read across the tables
+                try:
+                    meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+                    idents = conn.execute("SELECT ident FROM idents ORDER BY seq").fetchall()
+                    allocs = conn.execute(
+                        "SELECT ident, address, note FROM allocations ORDER BY seq"
+                    ).fetchall()
+                finally:
+                    conn.execute("COMMIT")
+            except sqlite3.Error as e:
+                raise StoreError(f"cannot read store {self.path}: {e}; " + self._fix()) from e
+        snap = Snapshot(
+            name=self._meta(meta, "name", str),
+            universe=self._meta(meta, "universe", str),
+            ring=self._meta(meta, "ring", bytes),
+            paxos=self._meta(meta, "paxos", bytes),
+        )
+        for (ident,) in idents:
+            snap.allocations[ident] = {}
+        for ident, address, note in allocs:
+            addrs = snap.allocations.get(ident)
+            if addrs is None or not isinstance(address, bytes):
+                raise StoreError(
+                    f"store {self.path} has an inconsistent allocation row "
+                    f"({ident!r}, {address!r}); " + self._fix()
+                )
+            if len(address) != _ADDRESS_BYTES:
+                raise StoreError(
+                    f"store {self.path} has a {len(address)}-byte address for {ident!r}"
+                    f" (expected {_ADDRESS_BYTES}); " + self._fix()
+                )
+            addrs[int.from_bytes(address, "big")] = note
+        empty = [ident for ident, addrs in snap.allocations.items() if not addrs]
+        if empty:
+            raise StoreError(
+                f"store {self.path} lists idents without addresses ({empty[:3]!r}); " + self._fix()
+            )
+        return snap
+
+    def _meta(self, meta: dict[str, object], key: str, kind: type[_T]) -> _T | None:
+        value = meta.get(key)
+        if value is None or isinstance(value, kind):
+            return value
+        raise StoreError(
+            f"store {self.path} has a {type(value).__name__} for {key!r} where a "
+            f"{kind.__name__} belongs; " + self._fix()
+        )
+
+    # ------------------------------------------------------------------ writing
+
+    def _apply(self, conn: sqlite3.Connection, rec: Record) -> None:
+        """One record, with exactly the meaning of Snapshot.apply."""
+        if isinstance(rec, PutAllocation):
+            self._seq += 1
+            conn.execute(
+                "INSERT INTO idents (ident, seq) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                (rec.ident, self._seq),
+            )
+            # an existing (ident, address) keeps its place and only takes the new note
+            conn.execute(
+                "INSERT INTO allocations (ident, address, note, seq) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (ident, address) DO UPDATE SET note = excluded.note",
+                (rec.ident, _encode_address(rec.address), rec.note, self._seq),
+            )
+        elif isinstance(rec, DelAllocation):
+            cur = conn.execute(
+                "DELETE FROM allocations WHERE ident = ? AND address = ?",
+                (rec.ident, _encode_address(rec.address)),
+            )
+            if cur.rowcount:
+                conn.execute(
+                    "DELETE FROM idents WHERE ident = ? AND NOT EXISTS"
+                    " (SELECT 1 FROM allocations WHERE ident = ?)",
+                    (rec.ident, rec.ident),
+                )
+        elif isinstance(rec, SetRing):
+            self._put_meta(conn, "ring", bytes(rec.data))
+        elif isinstance(rec, SetPaxos):
+            self._put_meta(conn, "paxos", bytes(rec.data))
+        elif isinstance(rec, SetIdentity):
+            self._put_meta(conn, "name", rec.name)
+            self._put_meta(conn, "universe", rec.universe)
+        elif isinstance(rec, ClearAllocations):
+            conn.execute("DELETE FROM allocations")
+            conn.execute("DELETE FROM idents")
+        else:  # pragma: no cover - _check_records rejects these first
+            raise StoreError(f"cannot store {rec!r}: not a weaveipam record")
+
+    @staticmethod
+    def _put_meta(conn: sqlite3.Connection, key: str, value: str | bytes) -> None:
+        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def _write(self, records: Iterable[Record]) -> None:
+        """Apply records in one transaction; durable on return, untouched on error."""
+        with self._db_lock:
+            conn = self._require_conn()
+            seq = self._seq
+            n = 0
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for rec in records:
+                    self._apply(conn, rec)
+                    n += 1
+                conn.execute("COMMIT")  # synchronous=FULL: the WAL is fsync'd here
+            except BaseException as e:
+                self._seq = seq
+                try:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # the original error is the one worth reporting
+                if isinstance(e, sqlite3.Error):
+                    raise StoreError(
+                        f"could not commit to store {self.path}: {e}; nothing from this "
+                        "commit was kept - check disk space, permissions and the disk's "
+                        "health, then retry"
+                    ) from e
+                raise
+            self.transactions += 1
+            self.records_written += n
+
+    def commit_sync(self, records: Sequence[Record]) -> None:
+        """Make records durable in one transaction before returning (blocks)."""
+        recs = _check_records(records)
+        if recs:
+            self._write(recs)
+
+    async def commit(self, records: Sequence[Record]) -> None:
+        """Make records durable, sharing the transaction with concurrent callers.
+
+        Returns only after the transaction holding these records has been fsync'd.
+        Cancelling the awaiting task does not withdraw the records: they may still be
+        committed.  Committing no records is a barrier: it returns once everything
+        queued before it is durable.
+        """
+        recs = _check_records(records)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        with self._state_lock:
+            if self._closed:
+                raise StoreError(f"store {self.path} is closed; open a new Store to commit")
+            if self._writer is None:
+                self._writer = threading.Thread(
+                    target=self._writer_main,
+                    name=f"weaveipam-store:{self.path.name}",
+                    daemon=True,
+                )
+                self._writer.start()
+            self._queue.put(_Pending(recs, fut, loop))
+        await fut
+
+    def _writer_main(self) -> None:
+        """Writer thread: take everything queued, commit it together, repeat."""
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if isinstance(first, _Stop):
+                return
+            batch = [first]
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, _Stop):
+                    stop = True
+                    break
+                batch.append(item)
+            err: BaseException | None = None
+            try:
+                self._write(itertools.chain.from_iterable(p.records for p in batch))
+            except Exception as e:  # keep the writer alive for later batches
+                err = e
+            for p in batch:
+                # one exception object per caller: they are raised in separate tasks
+                mine: BaseException | None = None
+                if err is not None:
+                    mine = StoreError(
+                        str(err)
+                        if isinstance(err, StoreError)
+                        else f"could not commit to store {self.path}: {err!r}; nothing from "
+                        "this commit was kept - retry, and report this if it persists"
+                    )
+                    mine.__cause__ = err.__cause__ if isinstance(err, StoreError) else err
+                try:
+                    p.loop.call_soon_threadsafe(_settle, p.future, mine)
+                except RuntimeError:
+                    pass  # that caller's loop is closed; nobody is waiting any more
+
+    def wipe(self) -> None:
+        """Forget everything durably, keeping an empty store of the current schema.
+
+        Rows are deleted in one transaction rather than the file being removed, so a
+        crash mid-wipe leaves either the old state or none, never a mixture.
+        """
+        with self._db_lock:
+            conn = self._require_conn()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("DELETE FROM allocations")
+                conn.execute("DELETE FROM idents")
+                conn.execute("DELETE FROM meta WHERE key != 'schema_version'")
+                conn.execute("COMMIT")
+            except sqlite3.Error as e:
+                try:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # report the original error
+                raise StoreError(
+                    f"could not wipe store {self.path}: {e}; stop weaveipam and delete "
+                    "the file with its -wal/-shm companions (discard_files does this)"
+                ) from e
+            self.transactions += 1
+
+    # ------------------------------------------------------------------ closing
+
+    def close(self) -> None:
+        """Write everything already queued, stop the writer, close the file.
+
+        Blocks until queued commits are durable; from a coroutine prefer `aclose`.
+        """
+        with self._state_lock:
+            if self._closed:
+                return
+            self._closed = True  # later commit() calls are refused
+            writer = self._writer
+            if writer is not None:
+                self._queue.put(_STOP)
+        if writer is not None and writer is not threading.current_thread():
+            writer.join()
+        with self._db_lock:
+            if self._conn is not None:
+                self._conn.close()  # last connection: sqlite checkpoints the WAL
+                self._conn = None
+
+    async def aclose(self) -> None:
+        """`close` without blocking the event loop while the queue drains."""
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+def discard_files(path: str | os.PathLike[str]) -> None:
+    """Delete a store file and its -wal/-shm companions, e.g. one too corrupt to open.
+
+    `Store.wipe` needs a readable file; this is the fallback for `weaveipam reset`
+    when opening fails.  Only call it while no process has the store open.
+    """
+    base = Path(path).absolute()
+    # the database itself last: a crash part-way must not leave a stale WAL that
+    # sqlite would replay into a fresh database of the same name
+    for victim in (Path(f"{base}-wal"), Path(f"{base}-shm"), base):
+        try:
+            victim.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StoreError(
+                f"cannot delete {victim}: {e}; remove it by hand while weaveipam is stopped"
+            ) from e
+    _fsync_dir(base.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """fsync a directory so newly created files in it survive a power cut."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # not supported here (e.g. some platforms); sqlite's own syncs remain
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
