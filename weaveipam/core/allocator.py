@@ -630,10 +630,9 @@ class Allocator:
             return
         pv = self.peers.setdefault(name, PeerView())
         pv.nickname, pv.reachable = nickname, True
-        if not self.ring.is_empty():
-            # a digest, not the ring: O(1) bytes when the peer already agrees
-            self._send(name, {"t": "digest", "d": self.ring.digest()})
-        elif self.paxos is not None and self.paxos.claims:
+        # With a ring, say nothing: a new peer asks one of us for it (tick), and anti-entropy
+        # covers the rest; answering every peer_up would cost O(peers) rings per join.
+        if self.ring.is_empty() and self.paxos is not None and self.paxos.claims:
             self._send(name, {"t": "paxos", "c": Paxos.encode(self.paxos.claims)})
         for p in list(self.pending):
             self._retry(p)
@@ -700,7 +699,8 @@ class Allocator:
                 return "digest without an integer"
             if not self.ring.is_empty() and d != self.ring.digest():
                 self._send(sender, self._full_ring(ae=True))
-            elif self.ring.is_empty() and d != 0:
+            elif self.ring.is_empty() and d != 0 and self.now >= self.next_ring_ask:
+                self.next_ring_ask = self.now + 1.0
                 self._send(sender, {"t": "ring?"})
             return None
         if t == "ring?":

@@ -150,7 +150,10 @@ class Ring:
         split(self.universe.start, self.universe.size, names)
 
     def grant(self, start: int, end: int, to: str, by: str, free_given: int) -> list[int]:
-        """`by` gives [start, end) (inside one of its entries) to `to`; returns changed tokens."""
+        """`by` gives [start, end) (inside one of its entries) to `to`.
+
+        Returns the tokens a receiver needs: those changed, plus the one bounding the piece.
+        """
         i = self.entries.bisect_right(start) - 1
         tok = self.entries.keys()[i]
         ver, owner, free = self.entries.values()[i]
@@ -159,6 +162,9 @@ class Ring:
         if end < self.end_of(tok):
             # the rest after the piece stays ours; new token, never seen before
             self._set(end, (0, by, 0))
+        if end < self.universe.end:
+            # always ship the end token: an entry's extent is "up to the next token", so a
+            # receiver that lacked it would believe it owns more than it was given
             changed.append(end)
         if start == tok:
             self._set(start, (ver + 1, to, min(free_given, FREE_CAP)))
@@ -229,7 +235,18 @@ class Ring:
         """Full ring, or only `tokens` (a delta)."""
         nb = self.universe.bits // 8
         base = self.universe.start
-        toks = self.entries.keys() if tokens is None else sorted(set(tokens))
+        if tokens is None:
+            toks = self.entries.keys()
+        else:
+            # every entry travels with its successor, so whoever merges it (a relay's relay
+            # included) knows where it ends and never believes it owns more
+            want = set(tokens)
+            keys = self.entries.keys()
+            for t in list(want):
+                i = self.entries.bisect_right(t)
+                if i < len(keys):
+                    want.add(keys[i])
+            toks = sorted(want)
         ents = []
         for t in toks:
             v = self.entries[t]
