@@ -12,7 +12,7 @@ run: install
 test: install
 	$(PY) -m ruff check weaveipam tests benchmarks
 	$(PY) -m mypy weaveipam/core weaveipam/sim
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
 
 sim:
 	$(PY) -m weaveipam.sim --nodes 25 --seed 1 --faults

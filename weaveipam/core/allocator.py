@@ -417,11 +417,11 @@ class Allocator:
             if a in window:
                 self._reply(p.rid, a)  # repeated allocate: same answer, no second address
                 return True
-        a = self.space.next_free(window, self.cursor + 1)
-        if a is not None:
-            self._hold(req.ident, a, req.note)
-            self.cursor = a
-            self._reply(p.rid, a)
+        nxt = self.space.next_free(window, self.cursor + 1)
+        if nxt is not None:
+            self._hold(req.ident, nxt, req.note)
+            self.cursor = nxt
+            self._reply(p.rid, nxt)
             return True
         self._ask_for_space(p, window)
         return False
@@ -475,9 +475,8 @@ class Allocator:
         return {p: f for p, f in self.ring.free_in(window, self.name).items() if p in live}
 
     def _no_space_reason(self, window: Range) -> str:
-        owners = {p for s, e, v in self.ring.iter_ranges()
-                  if Range(s, e).overlaps(window) and p != self.name
-                  for p in (v[1],)}
+        owners = {v[1] for s, e, v in self.ring.iter_ranges()
+                  if Range(s, e).overlaps(window) and v[1] != self.name}
         dead = sorted(owners - self.reachable())
         if dead:
             return ("no free address here, and these peers that own part of it are "
@@ -709,7 +708,7 @@ class Allocator:
             return None
         if t == "rmpeer":
             n, i = msg.get("n"), msg.get("id")
-            if not valid_name(n) or type(i) is not int:
+            if not isinstance(n, str) or not valid_name(n) or type(i) is not int:
                 return "rmpeer request malformed"
             self._on_rmpeer(sender, n, i)
             return None

@@ -111,7 +111,7 @@ class Ring:
         return out
 
     def free_in(self, window: Range, exclude: str) -> dict[str, int]:
-        """Per peer, its reported free space overlapping `window` (an estimate: free is per entry)."""
+        """Per peer, its reported free space overlapping `window` (free is per entry: a hint)."""
         out: dict[str, int] = {}
         for s, e, v in self.iter_ranges():
             if v[1] == exclude or v[2] <= 0:
@@ -169,7 +169,7 @@ class Ring:
         if start == tok:
             self._set(start, (ver + 1, to, min(free_given, FREE_CAP)))
         else:
-            self._set(tok, (ver + 1, by, free))
+            self._set(tok, (ver + 1, by, min(free, start - tok)))  # stay within its span
             self._set(start, (0, to, min(free_given, FREE_CAP)))
         changed.append(start)
         if start != tok:

@@ -72,7 +72,7 @@ class Space:
 
     def is_used(self, a: int) -> bool:
         i = self._runs.bisect_right(a) - 1
-        return i >= 0 and a < self._runs.values()[i]
+        return i >= 0 and a < int(self._runs.values()[i])
 
     def _run_end_from(self, a: int) -> int:
         """First address >= a that is not used."""

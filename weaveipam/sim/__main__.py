@@ -66,8 +66,8 @@ def run(nodes: int, seed: int, steps: int, faults: bool, *, consensus: int | Non
         if waiting:
             bad = [n.name for n, _ in waiting.values()][:5]
             raise Violation(f"{len(waiting)} nodes could not allocate after healing: {bad}")
-        failed = [i for i in range(len(sim.nodes)) if f"final-{i}" not in
-                  (sim.nodes[i].alloc.allocs if sim.nodes[i].alloc else {})]
+        failed = [i for i, n in enumerate(sim.nodes)
+                  if n.alloc is None or f"final-{i}" not in n.alloc.allocs]
         if failed:
             raise Violation(f"final allocation refused on {len(failed)} nodes, e.g. "
                             f"{sim.nodes[failed[0]].name}")
