@@ -74,10 +74,15 @@ class Paxos:
             self.claims[self.name] = c
             self.dirty.add(self.name)
 
-    def propose(self, value: tuple[str, ...]) -> None:
+    def propose(self, value: tuple[str, ...]) -> bool:
+        """Start a ballot above every round seen; False if rounds are exhausted (a peer
+        gossiped the maximum round: our claims would no longer be valid on the wire)."""
         top = max(max(c.promise[0], c.accepted[0]) for c in self.claims.values())
+        if top >= MAX_VERSION:
+            return False
         self.proposal_value = tuple(sorted(set(value)))
         self._set_ours(replace(self.ours, promise=(top + 1, self.name)))
+        return True
 
     def update(self, received: dict[str, Claims]) -> bool:
         changed = False
@@ -115,14 +120,19 @@ class Paxos:
         return self.ours != before
 
     def consensus(self) -> tuple[str, ...] | None:
+        """A value is decided when a quorum accepted the same *ballot*.
+
+        Counting acceptances of one value origin across different ballots (as Weave did)
+        is not a decision: a later ballot whose promisers missed them can choose another.
+        """
         counts: dict[ProposalID, int] = {}
         for c in self.claims.values():
             if c.accepted != NONE:
-                counts[c.origin] = counts.get(c.origin, 0) + 1
-        for origin, n in counts.items():
+                counts[c.accepted] = counts.get(c.accepted, 0) + 1
+        for ballot, n in counts.items():
             if n >= self.quorum:
                 for c in self.claims.values():
-                    if c.origin == origin and c.accepted != NONE:
+                    if c.accepted == ballot:
                         return c.value
         return None
 

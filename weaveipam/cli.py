@@ -1,0 +1,429 @@
+"""`weaveipam`: the daemon, and client commands that talk to it over its unix socket.
+
+Client commands use only the standard library (http.client over AF_UNIX) so they start
+fast and work where aiohttp is not importable.  Exit codes: 0 success, 1 the daemon
+refused (its reason is printed), 2 bad usage (nothing was sent), 3 no daemon reachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import sys
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any, NoReturn
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+DEFAULT_RANGE = "10.32.0.0/12"
+DEFAULT_DATA_DIR = ".weaveipam"
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    v = os.environ.get(name)
+    return v if v is not None else default
+
+
+def _die(msg: str, code: int = EXIT_REFUSED) -> NoReturn:
+    print(f"weaveipam: {msg}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+# ---- client ------------------------------------------------------------------------------
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        try:
+            s.connect(self._path)
+        except OSError:
+            s.close()
+            raise
+        self.sock = s
+
+
+class Client:
+    """A tiny HTTP client for the daemon's local API (unix socket or --http)."""
+
+    def __init__(self, socket_path: str | None, http: str | None, timeout: float = 60.0) -> None:
+        self.socket_path = socket_path
+        self.http = http
+        self.timeout = timeout
+
+    def where(self) -> str:
+        return f"http://{self.http}" if self.http else f"socket {self.socket_path}"
+
+    def _conn(self) -> http.client.HTTPConnection:
+        if self.http:
+            u = urllib.parse.urlsplit(self.http if "//" in self.http else f"http://{self.http}")
+            return http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port or 6784,
+                                              timeout=self.timeout)
+        assert self.socket_path is not None
+        return _UnixConnection(self.socket_path, self.timeout)
+
+    def reachable(self) -> bool:
+        try:
+            self.request("GET", "/healthz")
+        except OSError:
+            return False
+        return True
+
+    def request(self, method: str, path: str, accept_json: bool = False) -> tuple[int, bytes]:
+        """Raises OSError when no daemon answers."""
+        c = self._conn()
+        try:
+            headers = {"Accept": "application/json"} if accept_json else {}
+            c.request(method, path, headers=headers)
+            r = c.getresponse()
+            return r.status, r.read()
+        except (http.client.HTTPException, ConnectionError) as e:
+            raise OSError(str(e)) from e
+        finally:
+            c.close()
+
+    def call(self, method: str, path: str, accept_json: bool = False) -> tuple[int, bytes]:
+        """Like request, but exits with a clear message when the daemon is unreachable or
+        refuses."""
+        try:
+            status, body = self.request(method, path, accept_json)
+        except OSError as e:
+            _die(f"cannot reach the weaveipam daemon at {self.where()}: {e}; is it running? "
+                 "(point at it with --socket, WEAVEIPAM_SOCKET or --http)", EXIT_UNREACHABLE)
+        if status >= 400:
+            text = body.decode(errors="replace").strip()
+            if accept_json:
+                try:
+                    text = str(json.loads(text).get("message", text))
+                except (ValueError, AttributeError):
+                    pass
+            _die(f"{text or 'error'} (HTTP {status})", EXIT_REFUSED)
+        return status, body
+
+
+def _q(s: str) -> str:
+    return urllib.parse.quote(s, safe="")
+
+
+def _ident(s: str) -> str:
+    if not s or "/" in s or not s.isprintable():
+        _die(f"bad ID {s!r}: use a container id (printable, no '/')", EXIT_USAGE)
+    return s
+
+
+def _ip_prefix(text: str) -> tuple[str, str | None]:
+    import ipaddress
+
+    ip, _, prefix = text.partition("/")
+    try:
+        ipaddress.ip_address(ip)
+    except ValueError:
+        _die(f"{text!r} is not an IP address", EXIT_USAGE)
+    if prefix and not prefix.isdigit():
+        _die(f"{text!r}: bad prefix length", EXIT_USAGE)
+    return ip, prefix or None
+
+
+def _client(args: argparse.Namespace) -> Client:
+    sock = args.socket or _env("WEAVEIPAM_SOCKET")
+    http = args.http or _env("WEAVEIPAM_HTTP")
+    if not sock and not http:
+        from .daemon import default_socket  # cheap: no aiohttp at import time
+
+        data_dir = Path(args.data_dir or _env("WEAVEIPAM_DATA_DIR", DEFAULT_DATA_DIR) or ".")
+        sock = str(default_socket(data_dir))
+    return Client(sock, http)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    c = _client(args)
+    if args.json:
+        _, body = c.call("GET", "/report")
+        print(json.dumps(json.loads(body), indent=2))
+        return EXIT_OK
+    _, a = c.call("GET", "/status")
+    _, b = c.call("GET", "/status/ipam")
+    sys.stdout.write(a.decode() + "\n" + b.decode())
+    return EXIT_OK
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    _, body = _client(args).call("GET", "/ip")
+    owned = json.loads(body)["owned"]
+    if args.json:
+        print(json.dumps(owned, indent=2))
+        return EXIT_OK
+    for o in owned:
+        notes = " ".join(n for n in o.get("notes", []) if n)
+        print(f"{o['containerid']}\t{' '.join(o['addrs'])}" + (f"\t{notes}" if notes else ""))
+    return EXIT_OK
+
+
+def cmd_alloc(args: argparse.Namespace) -> int:
+    ident = _ident(args.id)
+    path = f"/ip/{_q(ident)}"
+    if args.cidr:
+        ip, prefix = _ip_prefix(args.cidr)
+        if prefix is None:
+            _die(f"{args.cidr!r}: give a subnet with its prefix length, e.g. 10.32.1.0/24",
+                 EXIT_USAGE)
+        path += f"/{_q(ip)}/{prefix}"
+    _, body = _client(args).call("POST", path)
+    print(body.decode().strip())
+    return EXIT_OK
+
+
+def cmd_claim(args: argparse.Namespace) -> int:
+    ident = _ident(args.id)
+    ip, prefix = _ip_prefix(args.addr)
+    if prefix is None:
+        prefix = "32" if ":" not in ip else "128"
+    _client(args).call("PUT", f"/ip/{_q(ident)}/{_q(ip)}/{prefix}")
+    print(f"{ip} claimed for {ident}")
+    return EXIT_OK
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    ident = _ident(args.id)
+    path = f"/ip/{_q(ident)}"
+    if args.addr:
+        ip, _ = _ip_prefix(args.addr)
+        path += f"/{_q(ip)}"
+    _, body = _client(args).call("DELETE", path, accept_json=True)
+    gone = json.loads(body).get("released", []) if body else []
+    print(f"released {' '.join(gone) or 'nothing'} of {ident}")
+    return EXIT_OK
+
+
+def cmd_rmpeer(args: argparse.Namespace) -> int:
+    name = args.name
+    if not name or "/" in name:
+        _die(f"bad peer name {name!r}", EXIT_USAGE)
+    _, body = _client(args).call("DELETE", f"/peer/{_q(name)}")
+    print(body.decode().strip())
+    return EXIT_OK
+
+
+def cmd_prime(args: argparse.Namespace) -> int:
+    _, body = _client(args).call("GET", "/ring")
+    print(body.decode().strip())
+    return EXIT_OK
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    """Hand ranges away through a running daemon (which then discards its state and
+    stops), or, with no daemon running, discard the store files in --data-dir."""
+    c = _client(args)
+    if c.reachable():
+        _, body = c.call("DELETE", "/peer?forget=true", accept_json=True)
+        moved = json.loads(body).get("moved", 0) if body else 0
+        print(f"handed {moved} IPs to other peers; the daemon is discarding its state "
+              "and stopping")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and c.reachable():
+            time.sleep(0.1)
+        return EXIT_OK
+    if not args.data_dir and not _env("WEAVEIPAM_DATA_DIR"):
+        _die(f"no daemon answers at {c.where()}; to discard a stopped peer's state give "
+             "its --data-dir", EXIT_UNREACHABLE)
+    return _discard(Path(args.data_dir or _env("WEAVEIPAM_DATA_DIR") or DEFAULT_DATA_DIR))
+
+
+def _discard(data_dir: Path) -> int:
+    import fcntl
+
+    from .daemon import LOCK_FILE, STORE_FILE
+    from .store import StoreError, discard_files
+
+    store = data_dir / STORE_FILE
+    if not store.exists():
+        print(f"no state in {data_dir}: nothing to discard")
+        return EXIT_OK
+    lock = data_dir / LOCK_FILE
+    if lock.exists():
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            _die(f"a daemon is running on {data_dir} but does not answer at the given "
+                 "socket; stop it first (or point --socket at it)", EXIT_REFUSED)
+        finally:
+            os.close(fd)
+    try:
+        discard_files(store)
+    except StoreError as e:
+        _die(str(e))
+    print(f"discarded the state in {store}")
+    return EXIT_OK
+
+
+# ---- daemon ------------------------------------------------------------------------------
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from .core.addr import CIDR, AddrError
+    from .core.allocator import InitMode
+    from .daemon import Config, Daemon, StartupError, parse_hostport
+    from .names import check_name
+
+    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
+                        stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.password or args.password_file:
+        _die("--password/--password-file is not supported yet: peer traffic is not "
+             "encrypted; keep the peer port on a private network and start without it",
+             EXIT_USAGE)
+    try:
+        universe = CIDR.parse(args.ipalloc_range)
+        default_subnet = (CIDR.parse(args.ipalloc_default_subnet)
+                          if args.ipalloc_default_subnet else None)
+    except AddrError as e:
+        _die(f"{e} (host bits must be zero)", EXIT_USAGE)
+    try:
+        init = InitMode.parse(args.ipalloc_init)
+    except ValueError as e:
+        _die(str(e), EXIT_USAGE)
+    peer_texts = list(args.peers) + list(args.peer or [])
+    env_peers = _env("PEERS")
+    if env_peers:
+        peer_texts += env_peers.replace(",", " ").split()
+    try:
+        peers = [parse_hostport(p, 6783) for p in peer_texts]
+        http_addr = parse_hostport(args.http_addr, 6784) if args.http_addr else None
+        status_addr = parse_hostport(args.status_addr, 6782) if args.status_addr else None
+    except ValueError as e:
+        _die(str(e), EXIT_USAGE)
+    if args.name and check_name(args.name):
+        _die(f"--name {args.name!r}: {check_name(args.name)}", EXIT_USAGE)
+    data_dir = Path(args.data_dir or args.db_prefix or _env("WEAVEIPAM_DATA_DIR")
+                    or DEFAULT_DATA_DIR).absolute()
+    cfg = Config(universe=universe, init=init, data_dir=data_dir, default_subnet=default_subnet,
+                 peers=peers, host=args.host, port=args.port, conn_limit=args.conn_limit,
+                 name=args.name or None, socket=Path(args.socket) if args.socket else None,
+                 http_addr=http_addr, status_addr=status_addr, op_timeout=args.op_timeout)
+    if args.nickname:
+        cfg.nickname = args.nickname
+    daemon = Daemon(cfg)
+    factory: Any = None
+    try:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    except ImportError:
+        pass
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(daemon.run())
+    except StartupError as e:
+        _die(str(e), EXIT_REFUSED)
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+def _daemon_parser(sub: Any) -> None:
+    p = sub.add_parser("daemon", help="run the IPAM daemon",
+                       description="Run the IPAM daemon. PEER is HOST[:PORT] of another "
+                       "daemon; peers are also read from --peer and PEERS.")
+    p.add_argument("peers", nargs="*", metavar="PEER")
+    p.add_argument("--peer", action="append", metavar="HOST[:PORT]")
+    p.add_argument("--ipalloc-range", default=_env("IPALLOC_RANGE", DEFAULT_RANGE),
+                   help="the whole cluster's range (IPALLOC_RANGE; default %(default)s)")
+    p.add_argument("--ipalloc-default-subnet", default=_env("IPALLOC_DEFAULT_SUBNET"),
+                   help="where a plain allocation lands (default: the whole range)")
+    p.add_argument("--ipalloc-init", default=_env("IPALLOC_INIT", "consensus=1"),
+                   help="consensus=N | seed=NAME,... | observer (IPALLOC_INIT; "
+                   "default %(default)s)")
+    p.add_argument("--port", type=int, default=int(_env("WEAVEIPAM_PORT", "6783") or 6783),
+                   help="peer port (default %(default)s)")
+    p.add_argument("--host", default=_env("WEAVEIPAM_HOST", "0.0.0.0"),
+                   help="peer listen address (default %(default)s)")
+    p.add_argument("--conn-limit", type=int, default=int(_env("CONN_LIMIT", "100") or 100))
+    p.add_argument("--name", default=_env("WEAVEIPAM_NAME"),
+                   help="peer name (default: derived once and kept in the data dir)")
+    p.add_argument("--nickname", default=_env("WEAVEIPAM_NICKNAME"),
+                   help="shown beside the name (default: host name)")
+    p.add_argument("--data-dir", default=None,
+                   help="state directory (WEAVEIPAM_DATA_DIR; default ./.weaveipam)")
+    p.add_argument("--db-prefix", default=None, help="alias of --data-dir (Weave's flag)")
+    p.add_argument("--socket", default=_env("WEAVEIPAM_SOCKET"),
+                   help="API unix socket (default /run/weave-ipam/ipam.sock as root, "
+                   "else DATA_DIR/ipam.sock)")
+    p.add_argument("--http-addr", default=_env("WEAVEIPAM_HTTP_ADDR", "127.0.0.1:6784"),
+                   help="API over TCP, Weave's port; empty disables (default %(default)s)")
+    p.add_argument("--status-addr", default=_env("WEAVEIPAM_STATUS_ADDR", "127.0.0.1:6782"),
+                   help="status and metrics; empty disables (default %(default)s)")
+    p.add_argument("--password", default=_env("WEAVE_PASSWORD"), help="not supported yet")
+    p.add_argument("--password-file", default=None, help="not supported yet")
+    p.add_argument("--op-timeout", type=float, default=30.0,
+                   help="seconds an allocation may wait for consensus or space")
+    p.add_argument("--log-level", default=_env("WEAVEIPAM_LOG_LEVEL", "info"))
+    p.set_defaults(func=cmd_daemon)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="weaveipam", description="Weave-Net-style distributed IPAM: the daemon, and "
+        "client commands that talk to it over its unix socket (or --http).",
+        epilog="Exit codes: 0 ok, 1 refused by the daemon, 2 bad usage, 3 no daemon.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--socket", help="daemon socket (WEAVEIPAM_SOCKET)")
+    common.add_argument("--http", help="daemon HTTP address instead of the socket, "
+                        "e.g. 127.0.0.1:6784 (WEAVEIPAM_HTTP)")
+    common.add_argument("--data-dir", help="data dir (for the default socket, and reset)")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    _daemon_parser(sub)
+    p = sub.add_parser("status", parents=[common], help="IPAM status, as `weave status ipam`")
+    p.add_argument("--json", action="store_true", help="the full JSON report")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("ls", parents=[common], help="addresses allocated on this peer")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ls)
+    p = sub.add_parser("alloc", parents=[common], help="allocate an address for ID")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("cidr", nargs="?", metavar="CIDR", help="subnet to allocate in")
+    p.set_defaults(func=cmd_alloc)
+    p = sub.add_parser("claim", parents=[common], help="claim ADDR for ID")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("addr", metavar="ADDR")
+    p.set_defaults(func=cmd_claim)
+    p = sub.add_parser("release", parents=[common], help="release ID's addresses (or one)")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("addr", nargs="?", metavar="ADDR")
+    p.set_defaults(func=cmd_release)
+    p = sub.add_parser("rmpeer", parents=[common], help="take over a dead peer's ranges")
+    p.add_argument("name", metavar="NAME", help="peer name or nickname")
+    p.set_defaults(func=cmd_rmpeer)
+    p = sub.add_parser("prime", parents=[common], help="start consensus now")
+    p.set_defaults(func=cmd_prime)
+    p = sub.add_parser("reset", parents=[common],
+                       help="hand this peer's ranges away and discard its state")
+    p.set_defaults(func=cmd_reset)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        rc: int = args.func(args)
+    except KeyboardInterrupt:
+        rc = 130
+    return rc
+
+
+def entry() -> None:
+    raise SystemExit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,642 @@
+"""The daemon shell: one Allocator, the Mesh and the Store, wired on one event loop.
+
+The allocator is sans-IO and every call to it is followed by `take_outputs()`.  The
+outputs of one call form a batch: its `Persist` records are committed (fsync'd) before
+any of its `Send`s or `Reply`s leave, and batches are delivered strictly in order, so
+nothing that was acknowledged or gossiped can be lost by a crash.  Commits of successive
+batches are queued at once, so the store group-commits them under load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import fcntl
+import ipaddress
+import itertools
+import logging
+import os
+import random
+import signal
+import socket
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .core.addr import CIDR
+from .core.allocator import (
+    Allocator,
+    Event,
+    InitMode,
+    Persist,
+    Reply,
+    Request,
+    Send,
+)
+from .core.records import Record, Snapshot
+from .mesh import ConnInfo, Mesh, MeshError, PeerInfo
+from .names import check_name, default_nickname, derive_name, new_uid, read_name, write_name
+from .store import Store, StoreError
+
+log = logging.getLogger("weaveipam.daemon")
+
+STORE_FILE = "ipam.db"
+LOCK_FILE = "lock"
+TICK = 0.1
+DEFAULT_PORT = 6783
+MESH_STOP_TIMEOUT = 3.0
+REPLY_GRACE = 5.0
+FLUSH_DELAY = 0.1
+
+
+class StartupError(Exception):
+    """The daemon refuses to start; the message says why and what to do."""
+
+
+class ApiError(Exception):
+    """An allocator Fail (or a shell-side refusal) for the API to map to a status code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Config:
+    universe: CIDR
+    init: InitMode
+    data_dir: Path
+    default_subnet: CIDR | None = None
+    peers: list[tuple[str, int]] = field(default_factory=list)
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_PORT
+    conn_limit: int = 100
+    name: str | None = None
+    nickname: str = field(default_factory=default_nickname)
+    socket: Path | None = None
+    http_addr: tuple[str, int] | None = ("127.0.0.1", 6784)
+    status_addr: tuple[str, int] | None = ("127.0.0.1", 6782)
+    op_timeout: float = 30.0
+    shutdown_grace: float = 10.0
+    heartbeat: float = 1.0
+    dead_timeout: float = 5.0
+    max_frame: int = 8 << 20
+
+    @property
+    def store_path(self) -> Path:
+        return self.data_dir / STORE_FILE
+
+
+def default_socket(data_dir: Path) -> Path:
+    """Weave-like system path when root, else beside the state (no root needed)."""
+    if os.geteuid() == 0:
+        return Path("/run/weave-ipam/ipam.sock")
+    return data_dir / "ipam.sock"
+
+
+def parse_hostport(text: str, default_port: int | None) -> tuple[str, int]:
+    """`host`, `host:port`, `[v6]:port` or a bare IPv6 address."""
+    t = text.strip()
+    if not t:
+        raise ValueError("empty address")
+    host, port_s = t, ""
+    if t.startswith("["):
+        end = t.find("]")
+        if end < 0:
+            raise ValueError(f"{text!r}: missing ']'")
+        host, rest = t[1:end], t[end + 1:]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"{text!r}: expected :PORT after ']'")
+            port_s = rest[1:]
+    elif t.count(":") == 1:
+        host, port_s = t.split(":")
+    if not port_s:
+        if default_port is None:
+            raise ValueError(f"{text!r}: needs a port, e.g. 127.0.0.1:6784")
+        return host, default_port
+    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise ValueError(f"{text!r}: bad port {port_s!r}")
+    if not host:
+        raise ValueError(f"{text!r}: missing host")
+    return host, int(port_s)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Daemon:
+    """Owns the allocator, the mesh, the store and the local servers."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.name = ""
+        self.uid = new_uid()
+        self.alloc: Allocator | None = None
+        self.mesh: Mesh | None = None
+        self.store: Store | None = None
+        self.started_at = time.time()
+        self.stopping = False
+        self.store_error: str | None = None
+        self.wipe_on_exit = False
+        self.conn_terminations = 0
+        self._rids = itertools.count(1)
+        self._waiters: dict[int, asyncio.Future[Reply]] = {}
+        # (deadline, rid) in deadline order: all requests share one timeout
+        self._deadlines: collections.deque[tuple[float, int]] = collections.deque()
+        self._tail: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._runners: list[Any] = []
+        self._lock_fd: int | None = None
+        self._closed = False  # after shutdown drained the pipeline: no more engine calls
+        self._socket_path: Path | None = None
+        self._seen_conns: set[tuple[str, str, bool]] = set()
+        self.metrics: Any = None
+
+    # ---- public --------------------------------------------------------------------------
+
+    @property
+    def allocator(self) -> Allocator:
+        assert self.alloc is not None, "daemon not started"
+        return self.alloc
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT (or a stop request), then shut down cleanly."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self.start()
+            await self._stop.wait()
+        finally:
+            await self.shutdown()
+
+    def request_stop(self) -> None:
+        if not self._stop.is_set():
+            log.info("stopping: finishing in-flight requests")
+        self._stop.set()
+
+    async def call(self, req: Request) -> Any:
+        """Run one API request through the allocator; its reply arrives after its batch
+        (and every earlier one) is durable."""
+        if self.stopping:
+            raise ApiError("unavailable", "the daemon is shutting down; retry shortly")
+        if self.store_error is not None:
+            raise ApiError("unavailable", self.store_error)
+        alloc = self.allocator
+        rid = next(self._rids)
+        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._waiters[rid] = fut
+        self._deadlines.append((time.monotonic() + self.cfg.op_timeout + REPLY_GRACE, rid))
+        try:
+            try:
+                alloc.request(rid, req, time.monotonic())
+            except Exception as e:  # an engine bug must not hang the caller
+                log.exception("allocator failed on %r", req)
+                fut.set_exception(ApiError("internal", f"internal error: {e!r}"))
+            self._drain()
+            reply = await fut
+        finally:
+            self._waiters.pop(rid, None)
+        if reply.error is not None:
+            raise ApiError(reply.error.code, reply.error.message)
+        return reply.value
+
+    def inflight(self) -> int:
+        return len(self._waiters)
+
+    def connections(self) -> list[ConnInfo]:
+        return self.mesh.connections() if self.mesh is not None else []
+
+    def peer_nickname(self, name: str) -> str:
+        if name == self.name:
+            return self.cfg.nickname
+        pv = self.allocator.peers.get(name)
+        return pv.nickname if pv is not None else ""
+
+    # ---- start ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        if cfg.default_subnet is not None and not cfg.universe.contains_cidr(cfg.default_subnet):
+            raise StartupError(f"--ipalloc-default-subnet {cfg.default_subnet} is not inside "
+                               f"--ipalloc-range {cfg.universe}")
+        self._lock_data_dir()
+        self.store = self._open_store()
+        snap = self._load(self.store)
+        self.name = self._resolve_name(snap)
+        self._check_identity(snap)
+        try:
+            self.alloc = Allocator(name=self.name, nickname=cfg.nickname, universe=cfg.universe,
+                                   init=cfg.init, rng=random.Random(),
+                                   now=time.monotonic(), default_subnet=cfg.default_subnet,
+                                   snapshot=snap, op_timeout=cfg.op_timeout)
+        except ValueError as e:
+            raise StartupError(f"cannot restore state from {cfg.store_path}: {e}. "
+                               + self._discard_hint()) from e
+        write_name(cfg.data_dir, self.name)
+        # the constructor's records (identity, a seed ring) are durable before we talk
+        await self._commit_now(self.alloc.take_outputs())
+        from .metrics import Metrics
+        self.metrics = Metrics(self)
+        try:
+            self.mesh = Mesh(name=self.name, nickname=cfg.nickname, uid=self.uid,
+                             host=cfg.host, port=cfg.port, conn_limit=cfg.conn_limit,
+                             on_message=self._on_message, on_peer_up=self._on_peer_up,
+                             on_peer_down=self._on_peer_down,
+                             on_duplicate_name=self._on_duplicate_name,
+                             heartbeat=cfg.heartbeat, dead_timeout=cfg.dead_timeout,
+                             max_frame=cfg.max_frame)
+            await self.mesh.start()
+        except MeshError as e:
+            self.mesh = None
+            raise StartupError(f"peer network: {e}") from e
+        for host, port in cfg.peers:
+            try:
+                self.mesh.add_peer(host, port)
+            except MeshError as e:
+                log.warning("ignoring peer %s:%d: %s", host, port, e)
+        await self._start_servers()
+        self._tasks.append(asyncio.create_task(self._ticker(), name="weaveipam-tick"))
+        log.info("weaveipam %s(%s) started: range %s, init %s, peer port %d, %d peer(s) "
+                 "given, API on %s%s, status on %s, state %s", self.name, cfg.nickname,
+                 cfg.universe, _init_text(cfg.init), self.mesh.listen_port, len(cfg.peers),
+                 self._socket_path, _addr_text(cfg.http_addr, " and "),
+                 _addr_text(cfg.status_addr) or "(disabled)", self.alloc.state())
+
+    def _lock_data_dir(self) -> None:
+        d = self.cfg.data_dir
+        try:
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(d / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise StartupError(f"cannot use data dir {d}: {e}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise StartupError(f"another weaveipam daemon (pid {other or '?'}) is using data "
+                               f"dir {d}; stop it first, or give this one its own --data-dir"
+                               ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _open_store(self) -> Store:
+        try:
+            return Store(self.cfg.store_path)
+        except StoreError as e:
+            raise StartupError(f"{e}. " + self._discard_hint()) from e
+
+    def _load(self, store: Store) -> Snapshot:
+        try:
+            return store.load()
+        except StoreError as e:
+            raise StartupError(f"{e}. " + self._discard_hint()) from e
+
+    def _discard_hint(self) -> str:
+        d = self.cfg.data_dir
+        return (f"To discard it (this peer's recorded allocations are lost), run "
+                f"`weaveipam reset --data-dir {d}` or delete {self.cfg.store_path}* "
+                "while the daemon is stopped")
+
+    def _resolve_name(self, snap: Snapshot) -> str:
+        cfg = self.cfg
+        name = cfg.name or read_name(cfg.data_dir) or snap.name or derive_name(cfg.data_dir)
+        err = check_name(name)
+        if err:
+            raise StartupError(f"--name {name!r}: {err}")
+        return name
+
+    def _check_identity(self, snap: Snapshot) -> None:
+        """Never drop state silently (Weave discarded it; its #2610 duplicated addresses)."""
+        if snap.name is None:
+            return
+        uni = str(self.cfg.universe)
+        if snap.name == self.name and snap.universe == uni:
+            return
+        keep = []
+        if snap.universe != uni:
+            keep.append(f"--ipalloc-range {snap.universe}")
+        if snap.name != self.name:
+            keep.append(f"--name {snap.name}")
+        raise StartupError(
+            f"the state in {self.cfg.store_path} belongs to peer {snap.name} with range "
+            f"{snap.universe}, but this daemon is peer {self.name} with range {uni}; "
+            f"refusing to start rather than drop it. To keep it, start with "
+            f"{' '.join(keep)}. " + self._discard_hint())
+
+    async def _start_servers(self) -> None:
+        from aiohttp import web
+
+        from .api import make_api_app
+        from .status import make_status_app
+
+        cfg = self.cfg
+        api = web.AppRunner(make_api_app(self), handle_signals=False, access_log=None,
+                            shutdown_timeout=5.0)
+        await api.setup()
+        self._runners.append(api)
+        sock = cfg.socket or default_socket(cfg.data_dir)
+        self._prepare_socket(sock)
+        old = os.umask(0o177)  # the socket is created 0600: only root/owner may allocate
+        try:
+            await web.UnixSite(api, str(sock)).start()
+        except OSError as e:
+            raise StartupError(f"cannot listen on socket {sock}: {e}") from e
+        finally:
+            os.umask(old)
+        os.chmod(sock, 0o600)
+        self._socket_path = sock
+        if cfg.http_addr is not None:
+            host, port = cfg.http_addr
+            if not is_loopback(host):
+                log.warning("--http-addr %s:%d is not a loopback address: anyone who can "
+                            "reach it can allocate and release addresses", host, port)
+            try:
+                await web.TCPSite(api, host, port).start()
+            except OSError as e:
+                raise StartupError(f"cannot listen on --http-addr {host}:{port}: {e}") from e
+        if cfg.status_addr is not None:
+            st = web.AppRunner(make_status_app(self), handle_signals=False, access_log=None,
+                               shutdown_timeout=2.0)
+            await st.setup()
+            self._runners.append(st)
+            host, port = cfg.status_addr
+            try:
+                await web.TCPSite(st, host, port).start()
+            except OSError as e:
+                raise StartupError(f"cannot listen on --status-addr {host}:{port}: {e}") from e
+
+    @staticmethod
+    def _prepare_socket(sock: Path) -> None:
+        """Remove a stale socket left by a crash; refuse if a daemon still listens there."""
+        try:
+            sock.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        except OSError as e:
+            raise StartupError(f"cannot create socket directory {sock.parent}: {e}") from e
+        try:
+            st = sock.lstat()
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise StartupError(f"--socket {sock} exists and is not a socket; remove it or "
+                               "choose another path")
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.settimeout(1.0)
+            s.connect(str(sock))
+        except OSError:
+            sock.unlink(missing_ok=True)
+            return
+        finally:
+            s.close()
+        raise StartupError(f"another daemon is listening on socket {sock}; stop it, or "
+                           "give this one its own --socket")
+
+    # ---- the output pipeline ---------------------------------------------------------------
+
+    def _run(self, what: str, fn: Callable[[float], None]) -> None:
+        """Call into the allocator; its bugs are logged, never fatal to the daemon."""
+        if self.alloc is None or self._closed:
+            return
+        try:
+            fn(time.monotonic())
+        except Exception:
+            log.exception("allocator failed handling %s", what)
+        self._drain()
+
+    def _drain(self) -> None:
+        assert self.alloc is not None
+        outs = self.alloc.take_outputs()
+        if not outs:
+            return
+        records: list[Record] = []
+        deliver: list[Reply | Send] = []
+        for o in outs:
+            if isinstance(o, Persist):
+                records.append(o.record)
+            elif isinstance(o, Event):
+                log.log(_LEVELS.get(o.level, logging.INFO), "%s", o.text)
+            else:
+                deliver.append(o)
+        if not records and (self._tail is None or self._tail.done()):
+            self._deliver(deliver)  # nothing to persist and nothing ahead: no task needed
+            return
+        if not records and not deliver:
+            return
+        self._tail = asyncio.create_task(self._finish(self._tail, records, deliver))
+
+    async def _finish(self, prev: asyncio.Task[None] | None, records: list[Record],
+                      deliver: list[Reply | Send]) -> None:
+        err: BaseException | None = None
+        try:
+            if records:
+                assert self.store is not None
+                try:
+                    await self.store.commit(records)
+                except (StoreError, OSError) as e:
+                    err = e
+            if prev is not None:
+                await prev  # never raises: every _finish catches its own errors
+            if err is not None:
+                self._store_failed(err, deliver)
+            else:
+                self._deliver(deliver)
+        except Exception:
+            log.exception("output delivery failed")
+
+    def _deliver(self, outs: list[Reply | Send]) -> None:
+        broken = self.store_error is not None
+        for o in outs:
+            if isinstance(o, Reply):
+                fut = self._waiters.get(o.rid)
+                if fut is None or fut.done():
+                    continue
+                if broken:
+                    fut.set_exception(ApiError("unavailable", self.store_error or ""))
+                else:
+                    fut.set_result(o)
+            elif not broken and self.mesh is not None:
+                try:
+                    if o.dest is None:
+                        self.mesh.broadcast(o.msg)
+                    else:
+                        self.mesh.send(o.dest, o.msg)
+                except MeshError as e:
+                    log.warning("could not send %s to %s: %s", o.msg.get("t"),
+                                o.dest or "neighbours", e)
+
+    def _store_failed(self, err: BaseException, outs: list[Reply | Send]) -> None:
+        """Memory is now ahead of disk: acknowledge nothing more until a restart reloads."""
+        if self.store_error is None:
+            self.store_error = (f"the store could not be written ({err}); this peer stopped "
+                                "answering to stay consistent: fix the disk and restart the "
+                                "daemon")
+            log.error("%s", self.store_error)
+        self._deliver(outs)
+
+    async def _commit_now(self, outs: list[Any]) -> None:
+        assert self.store is not None
+        records = [o.record for o in outs if isinstance(o, Persist)]
+        for o in outs:
+            if isinstance(o, Event):
+                log.log(_LEVELS.get(o.level, logging.INFO), "%s", o.text)
+        if records:
+            try:
+                await self.store.commit(records)
+            except StoreError as e:
+                raise StartupError(str(e)) from e
+        sends = [o for o in outs if isinstance(o, Send)]
+        if sends:  # none before the mesh exists; kept for the allocator's sake
+            log.debug("dropping %d startup message(s): no peers yet", len(sends))
+
+    # ---- mesh callbacks --------------------------------------------------------------------
+
+    def _on_message(self, origin: str, payload: dict[str, Any]) -> None:
+        self._run(f"a message from {origin}",
+                  lambda now: self.allocator.receive(origin, payload, now))
+
+    def _on_peer_up(self, p: PeerInfo) -> None:
+        log.info("peer %s(%s) reachable", p.name, p.nickname)
+        self._run("peer up", lambda now: self.allocator.peer_up(p.name, p.nickname, now))
+
+    def _on_peer_down(self, name: str) -> None:
+        log.info("peer %s unreachable", name)
+        self._run("peer down", lambda now: self.allocator.peer_down(name, now))
+
+    def _on_duplicate_name(self, p: PeerInfo) -> None:
+        self._run("duplicate name", lambda now: self.allocator.duplicate_name(
+            f"uid {p.uid}, nickname {p.nickname!r}"))
+
+    # ---- timers ----------------------------------------------------------------------------
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            self._run("tick", lambda now: self.allocator.tick(now))
+            self._expire_waiters()
+            try:
+                self.poll_connections()
+            except Exception:  # metrics must never stop the allocator's clock
+                log.exception("polling connections failed")
+
+    def _expire_waiters(self) -> None:
+        """The engine answers every request within op_timeout; this only matters if an
+        engine bug dropped a reply, so that the caller is not left hanging."""
+        now = time.monotonic()
+        dl = self._deadlines
+        while dl and (dl[0][0] <= now or dl[0][1] not in self._waiters):
+            _, rid = dl.popleft()
+            fut = self._waiters.get(rid)
+            if fut is not None and not fut.done():
+                log.error("no reply from the allocator for request %d", rid)
+                fut.set_exception(ApiError("unavailable", "no answer from the allocator in "
+                                           "time (an internal error: see the daemon log); "
+                                           "retry"))
+
+    def poll_connections(self) -> None:
+        """Count terminated connections for weave_connection_terminations_total.
+
+        The mesh has no termination hook, so established connections are sampled every
+        tick (and at each scrape); one that lived less than a tick may go uncounted."""
+        now = {(c.name, c.address, c.outbound) for c in self.connections()
+               if c.state == "established"}
+        self.conn_terminations += len(self._seen_conns - now)
+        self._seen_conns = now
+
+    # ---- stop ------------------------------------------------------------------------------
+
+    async def shutdown(self) -> None:
+        """Finish in-flight requests (up to the grace period), make everything durable,
+        then close the servers, the mesh and the store."""
+        self.stopping = True
+        deadline = time.monotonic() + self.cfg.shutdown_grace
+        while self._waiters and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for fut in list(self._waiters.values()):
+            if not fut.done():
+                fut.set_exception(ApiError("unavailable", "the daemon is shutting down; "
+                                           "retry shortly"))
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        if self._tail is not None:
+            await self._tail  # committed and handed to the mesh (e.g. a reset's handover)
+        if self.mesh is not None:
+            await asyncio.sleep(FLUSH_DELAY)  # the mesh drops unwritten frames at stop
+            # after this, no more peer callbacks: the pipeline can drain for good
+            stop = asyncio.create_task(self.mesh.stop())
+            done, _ = await asyncio.wait({stop}, timeout=MESH_STOP_TIMEOUT)
+            if not done:
+                log.warning("the peer network did not stop within %gs; exiting anyway",
+                            MESH_STOP_TIMEOUT)
+                _log_tasks()
+                stop.cancel()
+            elif stop.exception() is not None:
+                log.error("stopping the peer network failed", exc_info=stop.exception())
+        self._closed = True
+        if self._tail is not None:
+            await self._tail  # every batch durable, every reply handed to its handler
+        for r in reversed(self._runners):
+            with contextlib.suppress(Exception):
+                await r.cleanup()
+        self._runners.clear()
+        if self.store is not None:
+            if self.wipe_on_exit and self.store_error is None:
+                try:
+                    self.store.wipe()
+                    log.info("state in %s discarded (reset)", self.cfg.store_path)
+                except StoreError as e:
+                    log.error("%s", e)
+            await self.store.aclose()
+        if self._socket_path is not None:
+            self._socket_path.unlink(missing_ok=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        log.info("stopped")
+
+
+def _log_tasks() -> None:
+    """Where every task is stuck: for diagnosing a shutdown that hangs."""
+    import io
+
+    for t in asyncio.all_tasks():
+        buf = io.StringIO()
+        t.print_stack(file=buf)
+        log.warning("task %s:\n%s", t.get_name(), buf.getvalue())
+
+
+_LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def _addr_text(a: tuple[str, int] | None, before: str = "") -> str:
+    if a is None:
+        return ""
+    host = f"[{a[0]}]" if ":" in a[0] else a[0]
+    return f"{before}{host}:{a[1]}"
+
+
+def _init_text(m: InitMode) -> str:
+    if m.kind == "consensus":
+        return f"consensus={m.count}"
+    if m.kind == "seed":
+        return "seed=" + ",".join(m.seeds)
+    return m.kind

@@ -1,0 +1,16 @@
+"""The peer network that carries the allocation engine's payloads between daemons.
+
+Daemons gossip over TCP (default port 6783).  The engine is sans-IO: it hands the mesh
+plain msgpack-able dicts to ``send`` to one peer (relayed along shortest paths when not
+directly connected) or to ``broadcast`` to direct neighbours, and receives them through
+``on_message``.  Reachability changes arrive through ``on_peer_up``/``on_peer_down``.
+
+Modules: ``frames`` (wire format, schema checks), ``handshake`` (peer acceptance rules),
+``connection`` (one socket: reader/writer tasks, heartbeats, bounded send queue),
+``topology`` (gossiped peer graph, routes), ``mesh`` (the ``Mesh`` itself).
+"""
+
+from .frames import PROTOCOL_VERSION, FrameError, MeshError
+from .mesh import ConnInfo, Mesh, PeerInfo
+
+__all__ = ["PROTOCOL_VERSION", "ConnInfo", "FrameError", "Mesh", "MeshError", "PeerInfo"]

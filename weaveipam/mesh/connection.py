@@ -1,0 +1,251 @@
+"""One TCP connection to a peer: handshake, reader, writer, heartbeats.
+
+Each connection owns a reader task and a writer task.  Everything the mesh sends goes
+through a bounded queue drained by the writer task, so a peer that stops reading can
+only ever fill its own queue (and then gets dropped); nobody else waits on it.  Reads
+are bounded by timeouts, so a peer that goes quiet is dropped too.
+
+Timeouts use ``asyncio.timeout()``, never ``asyncio.wait_for()``: on Python 3.11 the
+latter can swallow a cancellation that races with its own timeout, which would leave a
+cancelled loop running forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from .frames import (
+    DEFAULT_MAX_OBJECTS,
+    HEARTBEAT_BYTES,
+    ErrorFrame,
+    Frame,
+    FrameError,
+    Hello,
+    VersionError,
+    encode,
+)
+from .frames import read_frame as _read_frame
+from .handshake import ConnIdentity, PeerRefused, receive_hello
+
+log = logging.getLogger("weaveipam.mesh")
+
+State = Literal["pending", "established", "closed"]
+
+
+@dataclass(frozen=True)
+class ConnConfig:
+    max_frame: int
+    heartbeat: float
+    dead_timeout: float
+    handshake_timeout: float
+    queue_frames: int
+    queue_bytes: int
+    max_objects: int = DEFAULT_MAX_OBJECTS
+    close_timeout: float = 0.5  # how long a closing socket may take to flush
+
+
+class ConnHandler(Protocol):
+    """What a connection asks of its mesh."""
+
+    def on_hello(self, conn: Connection, hello: Hello) -> None:
+        """Accept (set ``conn.state = "established"``) or refuse (``conn.close``)."""
+
+    async def on_frame(self, conn: Connection, frame: Frame) -> None:
+        """A checked frame from an established connection; reading this connection
+        waits until it returns (natural back-pressure, order preserved)."""
+
+
+class Connection:
+    """A peer connection; ``run()`` lasts for its whole life and cleans up after it."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        outbound: bool,
+        address: str,
+        remote_host: str,
+        ours: Hello,
+        config: ConnConfig,
+        handler: ConnHandler,
+    ) -> None:
+        self.outbound = outbound
+        self.address = address  # what we dialled, or where the peer came from
+        self.remote_host = remote_host  # the peer's IP/host, for its listen address
+        self.ours = ours
+        self.peer: Hello | None = None
+        self.state: State = "pending"
+        self.was_established = False
+        self.to_self = False
+        self.close_reason = ""
+        self._reader = reader
+        self._writer = writer
+        self._cfg = config
+        self._handler = handler
+        self._queue: deque[bytes] = deque()
+        self._queued_bytes = 0
+        self._wakeup = asyncio.Event()
+        self._closing = asyncio.Event()
+        self._farewell: str | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def __repr__(self) -> str:
+        who = self.peer.name if self.peer else "?"
+        arrow = "->" if self.outbound else "<-"
+        return f"<Connection {arrow} {who} {self.address} {self.state}>"
+
+    @property
+    def closing(self) -> bool:
+        return self._closing.is_set()
+
+    def identity(self) -> ConnIdentity:
+        assert self.peer is not None
+        return ConnIdentity(self.outbound, self.ours, self.peer)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        """Handshake, then read and write until ``close()``; always releases the socket."""
+        self._tasks = [
+            asyncio.create_task(self._write_loop(), name=f"mesh-write {self.address}"),
+            asyncio.create_task(self._read_loop(), name=f"mesh-read {self.address}"),
+        ]
+        self.send_frame(encode(self.ours))
+        try:
+            await self._closing.wait()
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            self.state = "closed"
+            await self._release()
+
+    def close(self, reason: str, *, level: int = logging.INFO, farewell: str | None = None
+              ) -> None:
+        """Ask the connection to shut down (idempotent, callable from anywhere).
+
+        ``farewell`` is sent as a final error frame so the other side can log why.
+        """
+        if self._closing.is_set():
+            return
+        self.close_reason = reason
+        self._farewell = farewell
+        log.log(level, "closing connection %s: %s", self._describe(), reason)
+        self._closing.set()
+
+    async def _release(self) -> None:
+        writer = self._writer
+        try:
+            if self._farewell is not None and not writer.is_closing():
+                writer.write(encode(ErrorFrame(self._farewell)))
+            writer.close()
+            async with asyncio.timeout(self._cfg.close_timeout):
+                await writer.wait_closed()
+        except (OSError, TimeoutError, RuntimeError):
+            writer.transport.abort()
+
+    def _describe(self) -> str:
+        who = f"{self.peer.name}({self.peer.nickname})" if self.peer else "unknown peer"
+        return f"{'to' if self.outbound else 'from'} {who} at {self.address}"
+
+    # ------------------------------------------------------------------ sending
+
+    def send_frame(self, data: bytes) -> bool:
+        """Queue encoded frame bytes; never blocks.  An overflowing queue means the peer
+        is not keeping up, and we drop it rather than buffer without bound.
+        """
+        if self._closing.is_set():
+            return False
+        if (len(self._queue) >= self._cfg.queue_frames
+                or self._queued_bytes + len(data) > self._cfg.queue_bytes):
+            self.close(f"send queue overflow ({len(self._queue)} frames, "
+                       f"{self._queued_bytes} bytes queued): peer too slow",
+                       level=logging.WARNING)
+            return False
+        self._queue.append(data)
+        self._queued_bytes += len(data)
+        self._wakeup.set()
+        return True
+
+    async def _write_loop(self) -> None:
+        cfg = self._cfg
+        try:
+            while True:
+                if not self._queue:
+                    self._wakeup.clear()
+                    try:
+                        async with asyncio.timeout(cfg.heartbeat):
+                            await self._wakeup.wait()
+                    except TimeoutError:
+                        if self.state == "established":
+                            self._queue.append(HEARTBEAT_BYTES)
+                        continue
+                batch = b"".join(self._queue)
+                self._queue.clear()
+                self._queued_bytes = 0
+                self._writer.write(batch)
+                await self._drain()
+        except TimeoutError:
+            self.close(f"peer not reading: no send progress for {cfg.dead_timeout}s",
+                       level=logging.WARNING)
+        except (OSError, RuntimeError) as exc:
+            self.close(f"write failed: {exc!r}")
+
+    async def _drain(self) -> None:
+        """Wait for the socket buffer to drain, as long as the peer makes progress:
+        a big backlog on a slow link is fine, a peer that reads nothing for
+        ``dead_timeout`` is not (TimeoutError).
+        """
+        transport = self._writer.transport
+        while True:
+            before = transport.get_write_buffer_size()
+            try:
+                async with asyncio.timeout(self._cfg.dead_timeout):
+                    await self._writer.drain()
+                return
+            except TimeoutError:
+                if transport.get_write_buffer_size() >= before:
+                    raise
+
+    # ------------------------------------------------------------------ receiving
+
+    async def _read_loop(self) -> None:
+        cfg = self._cfg
+        try:
+            hello = await receive_hello(self._reader, cfg.max_frame, cfg.handshake_timeout,
+                                        cfg.max_objects)
+            self.peer = hello
+            self._handler.on_hello(self, hello)
+            if self.state != "established":
+                self.close("handshake refused")  # no-op if on_hello already closed us
+                return
+            self.was_established = True
+            while not self._closing.is_set():
+                frame = await _read_frame(self._reader, cfg.max_frame, cfg.dead_timeout,
+                                          cfg.max_objects)
+                await self._handler.on_frame(self, frame)
+        except PeerRefused as exc:
+            self.close(str(exc), level=logging.WARNING)
+        except VersionError as exc:
+            self.close(str(exc), level=logging.WARNING, farewell=str(exc))
+        except FrameError as exc:
+            reason = f"protocol error: {exc}"
+            self.close(reason, level=logging.WARNING, farewell=reason)
+        except TimeoutError:
+            if self.state == "established":
+                self.close(f"nothing received for {cfg.dead_timeout}s", level=logging.WARNING)
+            else:
+                self.close(f"handshake timed out after {cfg.handshake_timeout}s",
+                           level=logging.WARNING, farewell="handshake timeout")
+        except asyncio.IncompleteReadError:
+            self.close("connection closed by peer")
+        except OSError as exc:
+            self.close(f"read failed: {exc!r}")
+        except Exception:  # a bug in our own handling: drop this peer, keep the mesh
+            log.exception("unexpected error handling %s", self._describe())
+            self.close("internal error", level=logging.ERROR)

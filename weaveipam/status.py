@@ -1,0 +1,232 @@
+"""Status server: Weave's `status ipam` text, a JSON report, metrics and health checks.
+
+The text follows Weave's layout so operators' habits and scripts carry over, and adds
+what Weave left out: when a peer is waiting, the status says what it waits for and what
+to do about it (Weave #760, #1559, #3955).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from . import __version__
+from .core.addr import fmt
+from .core.allocator import Allocate, Claim
+from .core.paxos import Paxos
+from .metrics import CONTENT_TYPE, unreachable_owners
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+log = logging.getLogger("weaveipam.status")
+
+
+def state_text(d: Daemon) -> str:
+    """The allocator's explanation, or its bare state if explaining fails."""
+    a = d.allocator
+    try:
+        return a.state_text()
+    except Exception:  # status must render even if the engine's wording breaks
+        log.exception("allocator state_text failed")
+        return a.state()
+
+
+def weave_state(d: Daemon) -> str:
+    """The one-line IPAM status, in Weave's words where Weave had them."""
+    a = d.allocator
+    s = a.state()
+    if d.store_error is not None:
+        return "store failed"
+    if s == "awaiting-consensus" and a.paxos is not None:
+        return f"awaiting consensus (quorum: {a.paxos.quorum}, known: {a.paxos.known()})"
+    if s == "awaiting-ring":
+        return "observer: awaiting a ring from a peer"
+    if s == "waiting-for-space":
+        return "waiting for IP(s) to become available"
+    if s == "ready":
+        peers = a.ring.peers()
+        live = a.reachable() | {a.name}
+        if a.name not in peers and peers and not set(peers) & live:
+            return "all IP ranges owned by unreachable peers"
+        return "ready"
+    return {"rejoining": "rejoining: waiting for a peer's copy of the ring",
+            "split": "seeded by different peers",
+            "duplicate-name": "duplicate peer name",
+            "removed": "removed by rmpeer",
+            "left": "left (reset)"}.get(s, s)
+
+
+def advice(d: Daemon) -> str | None:
+    """What the operator should know or do, when the peer is not simply ready."""
+    if d.store_error is not None:
+        return d.store_error
+    a = d.allocator
+    s = a.state()
+    if s == "ready":
+        n, _ = unreachable_owners(d)
+        if n:
+            return (f"{n} peer(s) owning IP space are unreachable; if they are gone for good, "
+                    "run `weaveipam rmpeer NAME` for each (on any one live node)")
+        return None
+    if s == "idle":
+        return "idle: the ring is seeded at the first allocation, or now with `weaveipam prime`"
+    return state_text(d)
+
+
+def _count_active(d: Daemon) -> int:
+    return sum(len(v) for v in d.allocator.allocations().values())
+
+
+def ipam_text(d: Daemon) -> str:
+    """`weave status ipam`: a line per peer owning space, then the state."""
+    a = d.allocator
+    total = a.universe.size
+    live = a.reachable()
+    lines = []
+    owned = a.ring.peers()
+    order = [a.name] if a.name in owned else []
+    order += sorted(p for p in owned if p != a.name)
+    for p in order:
+        size = owned[p]
+        label = f"{p}({d.peer_nickname(p)})"
+        line = f"{label:<40} {size:>8} IPs ({100.0 * size / total:04.1f}% of total)"
+        if p == a.name:
+            line += f" ({_count_active(d)} active)"
+        elif p not in live:
+            line += " - unreachable!"
+        lines.append(line)
+    if not owned:
+        lines.append(f"{a.name}({d.cfg.nickname}): no IP ranges yet")
+    lines.append("")
+    lines.append(f"Status: {weave_state(d)}")
+    hint = advice(d)
+    if hint and hint != weave_state(d):
+        lines.append(hint)
+    return "\n".join(lines) + "\n"
+
+
+def status_text(d: Daemon) -> str:
+    """`weave status`: identity, connections and the IPAM block."""
+    a = d.allocator
+    conns = d.connections()
+    est = sum(1 for c in conns if c.state == "established")
+    rows = [
+        ("Version", f"weaveipam {__version__}"),
+        ("Name", f"{a.name}({d.cfg.nickname})"),
+        ("Encryption", "disabled"),
+        ("Peers", f"{len(a.reachable()) + 1} (with {est} established connections)"),
+        ("Connections", f"{len(conns)} (established {est})"),
+        ("", ""),
+        ("Service", "ipam"),
+        ("Status", weave_state(d)),
+        ("Range", str(a.universe)),
+        ("DefaultSubnet", str(a.default_subnet)),
+    ]
+    out = [f"{k:>15}: {v}" if k else "" for k, v in rows]
+    hint = advice(d)
+    if hint and hint != weave_state(d):
+        out.append(f"{'':>15}  {hint}")
+    return "\n".join(out) + "\n"
+
+
+def report(d: Daemon) -> dict[str, Any]:
+    """Everything an operator or a test needs to see the ring and this peer's view."""
+    a = d.allocator
+    bits = a.universe.bits
+    live = a.reachable()
+    entries = []
+    for s, e, (ver, peer, free) in a.ring.iter_ranges():
+        entries.append({"token": fmt(s, bits), "size": e - s, "peer": peer,
+                        "nickname": d.peer_nickname(peer),
+                        "reachable": peer == a.name or peer in live,
+                        "version": ver, "free": free})
+    now = time.monotonic()
+    pending = []
+    for p in a.pending:
+        item: dict[str, Any] = {"waiting_s": round(now - (p.deadline - a.op_timeout), 3)}
+        if isinstance(p.req, Allocate):
+            item |= {"op": "allocate", "ident": p.req.ident,
+                     "subnet": str(p.req.subnet or a.default_subnet)}
+        elif isinstance(p.req, Claim):
+            item |= {"op": "claim", "ident": p.req.ident, "address": fmt(p.req.addr, bits)}
+        pending.append(item)
+    out: dict[str, Any] = {
+        "version": __version__,
+        "name": a.name,
+        "nickname": d.cfg.nickname,
+        "state": a.state(),
+        "status": weave_state(d),
+        "advice": advice(d),
+        "ready": a.can_allocate() and d.store_error is None,
+        "range": str(a.universe),
+        "size": a.universe.size,
+        "default_subnet": str(a.default_subnet),
+        "active": _count_active(d),
+        "free": a.free_total(),
+        "seeds": list(a.ring.seeds),
+        "removed": dict(a.ring.removed),
+        "entries": entries,
+        "pending": pending,
+        "peers": [{"name": n, "nickname": v.nickname, "reachable": v.reachable}
+                  for n, v in sorted(a.peers.items())],
+        "connections": [{"name": c.name, "nickname": c.nickname, "address": c.address,
+                         "state": c.state, "outbound": c.outbound, "info": c.info}
+                        for c in d.connections()],
+    }
+    if a.ring.is_empty() and a.paxos is not None:
+        out["paxos"] = {"quorum": a.paxos.quorum, "known": a.paxos.known(),
+                        "claims": Paxos.encode(a.paxos.claims)}
+    return out
+
+
+def _ready(d: Daemon) -> tuple[bool, str]:
+    if d.stopping:
+        return False, "shutting down"
+    if d.store_error is not None:
+        return False, d.store_error
+    a = d.allocator
+    if a.state() not in ("ready", "waiting-for-space"):
+        return False, advice(d) or weave_state(d)
+    if not a.can_allocate():
+        return False, "no free address here and no reachable peer with free space: " \
+            + (advice(d) or "the range is full")
+    return True, "ready"
+
+
+def add_status_routes(app: web.Application, d: Daemon) -> None:
+    async def status(_: web.Request) -> web.Response:
+        return web.Response(text=status_text(d))
+
+    async def status_ipam(_: web.Request) -> web.Response:
+        return web.Response(text=ipam_text(d))
+
+    async def report_h(_: web.Request) -> web.Response:
+        return web.json_response(report(d))
+
+    async def metrics(_: web.Request) -> web.Response:
+        body = d.metrics.render() if d.metrics is not None else b""
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(_: web.Request) -> web.Response:
+        ok, why = _ready(d)
+        return web.Response(status=200 if ok else 503, text=why + "\n")
+
+    app.router.add_get("/status", status)
+    app.router.add_get("/status/ipam", status_ipam)
+    app.router.add_get("/report", report_h)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+
+
+def make_status_app(d: Daemon) -> web.Application:
+    app = web.Application(client_max_size=64 * 1024)
+    add_status_routes(app, d)
+    return app
