@@ -162,8 +162,9 @@ def test_two_values_decided_scenario() -> None:
     b.propose(("vB",))
     b.think()
     send(b, a)
-    send(a, b)  # B's ballot (2,B) adopts A's value: origin (1,A) now at A and B
-    assert b.consensus() == ("vA",)
+    send(a, b)  # B's ballot (2,B) adopts A's value: origin (1,A) now at A and B, but at
+    # two different ballots, which is not a decision
+    assert b.consensus() is None
     c.propose(("vC2",))
     c.think()
     send(c, a)
@@ -172,11 +173,9 @@ def test_two_values_decided_scenario() -> None:
     # what is left to decide is up to the code; safety says it can only be vA
     if a.consensus() is not None:
         decided.add(a.consensus())
-    assert decided == {("vA",)}, f"two different values decided: {decided}"
+    assert len(decided) <= 1, f"two values decided: {decided}"
 
 
-test_two_values_decided_scenario = pytest.mark.xfail(strict=True, reason=BUG_ORIGIN)(
-    test_two_values_decided_scenario)
 
 
 def justified(p: Paxos) -> bool:
@@ -211,7 +210,6 @@ def random_ops(rnd: random.Random, n: int) -> list[tuple[str, int, int]]:
     return [(rnd.choice(kinds), rnd.randrange(64), rnd.randrange(64)) for _ in range(n)]
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_ORIGIN)
 def test_every_reported_decision_is_a_same_ballot_quorum() -> None:
     """Checked on fixed pseudo-random schedules (deterministic, and no shrinking cost)."""
     for seed in range(300):
@@ -423,9 +421,6 @@ def test_decode_never_raises(obj: Any) -> None:
         assert wire(res) == res
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Paxos.propose takes round top+1 without a bound, "
-                   "so after a (valid) claim with round MAX_VERSION its own claims exceed "
-                   "MAX_VERSION and every peer's decode rejects them (and its own restart)")
 def test_propose_after_max_round_stays_decodable() -> None:
     p = Paxos("a", 2)
     peer = Paxos.decode({"b": [MAX_VERSION, "b", 0, "", [], 0, ""]})
