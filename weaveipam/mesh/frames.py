@@ -28,6 +28,9 @@ DEFAULT_TTL = 64
 MAX_TOPO_ENTRIES = 65536
 MAX_NEIGHBOURS = 65536
 MAX_PAYLOAD_DEPTH = 32
+# Entry versions start at the wall clock in microseconds (~2**51); the cap leaves room to
+# bump past any accepted version without ever producing one a peer would refuse.
+MAX_VERSION = 1 << 62
 DEFAULT_MAX_OBJECTS = 1 << 17  # msgpack objects (keys, values, containers) per frame/payload
 _U64 = (1 << 64) - 1
 _I64_MIN = -(1 << 63)
@@ -159,7 +162,7 @@ def _int_range(lo: int, hi: int) -> Check:
 _u64 = _int_range(0, _U64)
 _port = _int_range(0, 65535)
 _ttl = _int_range(1, MAX_TTL)
-_version = _int_range(0, (1 << 63) - 1)
+_version = _int_range(0, MAX_VERSION)
 
 
 def _bin(obj: Any, where: str) -> bytes:

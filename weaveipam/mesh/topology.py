@@ -12,7 +12,7 @@ import logging
 from collections import deque
 from collections.abc import Collection, Iterable
 
-from .frames import Neighbour, PeerEntry
+from .frames import MAX_VERSION, Neighbour, PeerEntry
 
 log = logging.getLogger("weaveipam.mesh")
 
@@ -64,6 +64,9 @@ class Topology:
                 if entry.uid != self.uid:
                     log.debug("ignoring gossip about another peer named %r (uid %d)",
                               entry.name, entry.uid)
+                elif entry.version >= MAX_VERSION // 2:
+                    log.warning("ignoring gossip about us with absurd version %d",
+                                entry.version)
                 elif entry.version >= own.version and entry != own:
                     self._put(PeerEntry(own.name, own.nickname, own.uid, entry.version + 1,
                                         own.neighbours))
