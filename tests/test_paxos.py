@@ -19,10 +19,6 @@ from hypothesis import strategies as st
 from weaveipam.core.paxos import MAX_VALUE, NONE, Claims, Paxos
 from weaveipam.core.ring import MAX_VERSION
 
-BUG_ORIGIN = ("bug: Paxos.consensus counts acceptors per value *origin* across different "
-              "ballots, so a quorum that accepted one origin at different ballots is not a "
-              "decision and a later ballot can decide another value")
-
 
 def wire(claims: dict[str, Claims]) -> dict[str, Claims]:
     """Through encode, msgpack and decode, as a real message."""
@@ -140,7 +136,7 @@ OPS = st.lists(st.tuples(
 
 
 def test_two_values_decided_scenario() -> None:
-    """The shortest schedule I found, spelled out (3 nodes, quorum 2)."""
+    """Two values decided under origin counting (Weave's rule), spelled out: 3 nodes, quorum 2."""
     a, b, c = (Paxos(n, 2) for n in "ABC")
     decided = set()
 
@@ -170,7 +166,7 @@ def test_two_values_decided_scenario() -> None:
     send(c, a)
     send(a, c)  # C's ballot (2,C) sees A's (1,A) and its own (1,C): picks (1,C)
     send(c, a)
-    # what is left to decide is up to the code; safety says it can only be vA
+    # whatever gets decided from here on, at most one value may ever be
     if a.consensus() is not None:
         decided.add(a.consensus())
     assert len(decided) <= 1, f"two values decided: {decided}"

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from weaveipam.core.addr import CIDR, Range
-from weaveipam.core.ring import FREE_CAP, MAX_VERSION, TRANSFER_BUMP, Ring, RingError
+from weaveipam.core.ring import FREE_CAP, MARKER, MAX_VERSION, TRANSFER_BUMP, Ring, RingError
 
 U4 = CIDR.parse("10.32.0.0/24")
 U26 = CIDR.parse("10.32.1.64/26")
@@ -65,9 +65,9 @@ def check_valid(r: Ring) -> None:
     assert all(t in r.universe for t in toks)
     assert r.seeds == tuple(sorted(set(r.seeds)))
     for s, e, (ver, peer, free) in r.iter_ranges():
-        assert 0 <= ver <= MAX_VERSION
-        assert 0 <= free <= min(e - s, FREE_CAP), (s, e, free)
-        assert peer
+        # boundary markers (-1, "", 0) only; free is a hint and may exceed a split span
+        assert (0 <= ver <= MAX_VERSION and peer) or (ver, peer, free) == (-1, "", 0)
+        assert 0 <= free <= FREE_CAP, (s, e, free)
     back = roundtrip(r)
     assert state(back) == state(r)
     assert back.digest() == r.digest()
@@ -77,8 +77,16 @@ def check_valid(r: Ring) -> None:
 
 
 class World:
-    def __init__(self, n_seeds: int, joiner: bool, u: CIDR = U4) -> None:
+    """Replicas of one ring, each changed only by legal owner operations.
+
+    With `deltas`, every change an owner makes and every change a merge makes is also
+    sent as a delta (as the allocator does), delivered late, twice, or never; otherwise
+    replicas only exchange full rings.
+    """
+
+    def __init__(self, n_seeds: int, joiner: bool, u: CIDR = U4, deltas: bool = False) -> None:
         self.u = u
+        self.deltas = deltas
         self.seeds = PEERS[:n_seeds]
         self.names = self.seeds + ([JOINER] if joiner else [])
         self.rings: dict[str, Ring] = {}
@@ -89,18 +97,46 @@ class World:
         if joiner:
             self.rings[JOINER] = Ring(u)
         self.alive = list(self.names)
+        self.net: list[Any] = []
+
+    def send(self, p: str, changed: list[int]) -> None:
+        if self.deltas and changed:
+            self.net.append(wire(self.rings[p], changed))
+
+    def full(self, q: str) -> Ring:
+        other = Ring.from_wire(wire(self.rings[q]), self.u)
+        assert isinstance(other, Ring), other
+        return other
 
     def apply(self, op: tuple[str, int, int, int, int]) -> None:
         kind, a, b, c, d = op
         alive = self.alive
+        if kind == "deliver" and not self.deltas:
+            kind = "merge"
         if kind == "merge":
             p, q = self.names[a % len(self.names)], self.names[b % len(self.names)]
             if p not in alive:
                 return
-            other = Ring.from_wire(wire(self.rings[q]), self.u)
-            assert isinstance(other, Ring), other
-            res = self.rings[p].merge(other)
+            res = self.rings[p].merge(self.full(q))
             assert not isinstance(res, RingError), res
+            self.send(p, res)
+            return
+        if kind == "deliver":
+            if not self.net:
+                return
+            i = a % len(self.net)
+            msg = self.net[i] if c % 3 == 0 else self.net.pop(i)  # duplicate or not
+            p = self.names[b % len(self.names)]
+            if p not in alive:
+                return
+            delta = Ring.from_wire(msg, self.u)
+            if isinstance(delta, RingError):
+                return  # refused by the receiver
+            res = self.rings[p].merge(delta)
+            if isinstance(res, RingError):
+                assert res.kind == "unseeded" and self.rings[p].is_empty(), res
+                return
+            self.send(p, res)
             return
         if kind == "kill":
             if len(alive) < 2:
@@ -109,7 +145,7 @@ class World:
             rest = [p for p in alive if p != dead]
             heir = rest[b % len(rest)]
             ring = self.rings[heir]
-            res = ring.merge(self.rings[dead])  # rmpeer after the dead peer's ring arrived
+            res = ring.merge(self.full(dead))  # rmpeer after the dead peer's ring arrived
             assert not isinstance(res, RingError), res
             before = {s: v for s, _, v in ring.iter_ranges() if v[1] == dead}
             moved, changed = ring.transfer(dead, heir)
@@ -119,6 +155,7 @@ class World:
                 assert ring.entries[t] == (v[0] + TRANSFER_BUMP, heir, v[2])
             ring.mark_removed(dead, heir)
             alive.remove(dead)
+            self.send(heir, changed)
             return
         p = alive[a % len(alive)]
         ring = self.rings[p]
@@ -128,7 +165,8 @@ class World:
         o = own[b % len(own)]
         span = o.end - o.start
         if kind == "free":
-            ring.set_free(o.start, c % (span + 1))
+            if ring.set_free(o.start, c % (span + 1)):
+                self.send(p, [o.start])
             return
         assert kind == "grant"
         others = [q for q in alive if q != p]
@@ -147,18 +185,21 @@ class World:
             v = ring.entries[t]
             if v[1] == p:
                 ring.set_free(t, min(v[2], ring.end_of(t) - t))
+        self.send(p, changed)
 
 
 OPS = st.tuples(
-    st.sampled_from(["grant", "grant", "free", "merge", "merge", "merge", "kill"]),
+    st.sampled_from(["grant", "grant", "free", "merge", "deliver", "deliver", "deliver",
+                     "kill"]),
     st.integers(0, 2**16), st.integers(0, 2**16), st.integers(0, 2**16), st.integers(0, 2**16),
 )
 
 
 @st.composite
-def worlds(draw: Callable[..., Any], max_ops: int = 40) -> World:
+def worlds(draw: Callable[..., Any], max_ops: int = 40, deltas: bool | None = None) -> World:
     w = World(draw(st.integers(1, 4)), draw(st.booleans()),
-              draw(st.sampled_from([U4, U4, U26, U6])))
+              draw(st.sampled_from([U4, U4, U26, U6])),
+              draw(st.booleans()) if deltas is None else deltas)
     for op in draw(st.lists(OPS, max_size=max_ops)):
         w.apply(op)
     return w
@@ -172,7 +213,7 @@ SET = settings(max_examples=150, deadline=None, suppress_health_check=[HealthChe
 
 
 @SET
-@given(worlds())
+@given(worlds(deltas=False))
 def test_replica_rings_are_valid_and_roundtrip(w: World) -> None:
     for r in nonempty(w):
         check_valid(r)
@@ -242,7 +283,7 @@ def test_merging_all_replicas_in_any_order_agrees(
 
 
 @SET
-@given(worlds(max_ops=60))
+@given(worlds(max_ops=60, deltas=False))
 def test_no_live_peer_believes_it_owns_what_the_merged_ring_gives_away(w: World) -> None:
     """The safety that matters: what a live peer allocates from is its own, everywhere."""
     full = merged(Ring(w.u), *w.rings.values())
@@ -254,6 +295,59 @@ def test_no_live_peer_believes_it_owns_what_the_merged_ring_gives_away(w: World)
     # and after gossip settles every replica agrees with the join
     for r in w.rings.values():
         assert state(merged(r, full)) == state(full)
+
+
+def _random_world(seed: int) -> World:
+    rnd = random.Random(seed)
+    kinds = ["grant", "grant", "free", "merge", "deliver", "deliver", "deliver", "kill"]
+    w = World(rnd.randint(1, 4), rnd.random() < 0.5, U4, deltas=True)
+    for _ in range(rnd.randint(1, 60)):
+        w.apply((rnd.choice(kinds), *(rnd.randrange(2**16) for _ in range(4))))
+    return w
+
+
+def _believes_only_its_own(w: World) -> None:
+    full = merged(Ring(w.u), *w.rings.values())
+    for p in w.alive:
+        for o in w.rings[p].owned_by(p):
+            assert full.owner(o.start) == p
+            inner = full.entries.irange(o.start, o.end, inclusive=(False, False))
+            assert all(full.entries[t][1] == p for t in inner), (p, o)
+
+
+def test_no_live_peer_believes_it_owns_too_much_with_deltas() -> None:
+    """As above, with deltas gossiped as the allocator does (fixed pseudo-random runs)."""
+    for seed in range(300):
+        _believes_only_its_own(_random_world(seed))
+
+
+def test_set_free_delta_does_not_extend_a_grantees_piece() -> None:
+    s = U4.start
+    peers = ["alpha", "bravo", "charlie", "delta"]
+    charlie, alpha = seeded(peers), seeded(peers)  # charlie owns [128, 192)
+    grant_msg = wire(charlie, charlie.grant(s + 179, s + 182, "alpha", "charlie", 3))
+    assert grant_msg  # ... and this message is delayed (or lost, until anti-entropy)
+    charlie.set_free(s + 128, 35)
+    free_msg = wire(charlie, [s + 128])  # the next delta charlie sends
+    d = Ring.from_wire(free_msg, U4)
+    assert isinstance(d, Ring)
+    assert not isinstance(alpha.merge(d), RingError)
+    mine = [(o.start - s, o.end - s) for o in alpha.owned_by("alpha")]
+    # alpha was given [179, 182) in the delayed message; [182, 192) is still charlie's:
+    # alpha may not know of its piece yet, but must never believe it owns more
+    assert mine in ([(0, 64)], [(0, 64), (179, 182)]), mine
+
+
+def test_delta_merge_keeps_ring_valid() -> None:
+    s = U4.start
+    alpha, x = seeded(["alpha", "bravo"]), seeded(["alpha", "bravo"])  # alpha: [0, 128)
+    alpha.grant(s + 32, s + 64, "bravo", "alpha", 32)  # its delta to x is lost
+    alpha.set_free(s + 64, 10)
+    d = Ring.from_wire(wire(alpha, [s + 64]), U4)
+    assert isinstance(d, Ring)
+    assert not isinstance(x.merge(d), RingError)
+    # x: alpha's token 0 still says 128 free, but now spans [0, 64)
+    check_valid(x)
 
 
 def test_same_version_tie_with_different_peers_resolves_identically() -> None:
@@ -533,11 +627,8 @@ def _mutations() -> list[tuple[str, Callable[[dict[str, Any]], Any]]]:
     def repeat(w: dict[str, Any]) -> None:
         w["e"].insert(2, list(w["e"][1]))
 
-    def free_over_span(w: dict[str, Any]) -> None:
-        w["e"][-1][3] = 256 - int.from_bytes(w["e"][-1][0], "big") + 1
-
-    def free_over_span_mid(w: dict[str, Any]) -> None:
-        w["e"][0][3] = 17  # [0, 16) spans 16
+    def marker_with_free(w: dict[str, Any]) -> None:
+        w["e"][0][1:] = ["", -1, 5]  # a boundary marker carries no owner and no free
 
     return [
         ("unsorted", swap),
@@ -548,8 +639,7 @@ def _mutations() -> list[tuple[str, Callable[[dict[str, Any]], Any]]]:
         ("token too long", setent(1, 0, b"\x00" * 16)),
         ("token as int", setent(1, 0, 16)),
         ("token as str", setent(1, 0, "16")),
-        ("free > span (last)", free_over_span),
-        ("free > span (mid)", free_over_span_mid),
+        ("marker with free", marker_with_free),
         ("negative free", setent(0, 3, -1)),
         ("huge free", setent(0, 3, FREE_CAP + 1)),
         ("free 2**64-1", setent(0, 3, 2**64 - 1)),
@@ -719,7 +809,7 @@ def _paths(obj: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(worlds(max_ops=10), st.data())
+@given(worlds(max_ops=10, deltas=False), st.data())
 def test_from_wire_never_raises_on_mutated_valid_rings(w: World, data: st.DataObject) -> None:
     rings = nonempty(w)
     if not rings:
@@ -763,3 +853,51 @@ def test_from_wire_does_not_alias_its_input() -> None:
     w["r"].clear()
     w["e"].clear()
     assert state(r) == before
+
+
+def test_delta_boundary_markers() -> None:
+    """A delta bounds each entry with a marker for a successor it does not ship."""
+    s = U4.start
+    peers = ["alpha", "bravo", "charlie", "delta"]
+    charlie, alpha = seeded(peers), seeded(peers)
+    grant_delta = roundtrip_delta(charlie, charlie.grant(s + 179, s + 182, "alpha", "charlie", 3))
+    charlie.set_free(s + 128, 35)
+    free_delta = roundtrip_delta(charlie, [s + 128])
+    assert free_delta.entries[s + 179] == MARKER
+    assert alpha.merge(free_delta) == [s + 128, s + 179]
+    # the marker bounds charlie's entry and gives nobody [179, 192) for now
+    assert alpha.owner(s + 150) == "charlie"
+    assert alpha.owner(s + 179) is None and alpha.owner(s + 191) is None
+    assert "" not in alpha.peers() and "" not in alpha.free_in(U4.range, exclude="x")
+    check_valid(alpha)  # a ring holding a marker survives its own wire form
+    # the late grant replaces the marker; alpha then owns exactly its piece
+    assert s + 179 in alpha.merge(grant_delta)
+    assert alpha.entries[s + 179] == (0, "alpha", 3)
+    assert [(o.start - s, o.end - s) for o in alpha.owned_by("alpha")] == [(0, 64), (179, 182)]
+    assert state(alpha) == state(merged(seeded(peers), charlie))
+    # a marker never beats a real entry, in either order
+    assert alpha.merge(free_delta) == []
+    assert state(merged(free_delta, alpha)) == state(merged(alpha, free_delta))
+
+
+def roundtrip_delta(r: Ring, tokens: list[int]) -> Ring:
+    d = Ring.from_wire(wire(r, tokens), r.universe)
+    assert isinstance(d, Ring), d
+    return d
+
+
+@pytest.mark.xfail(strict=True, reason="bug: Ring.from_wire puts the peer's whole 'u' value "
+                   "(repr, unbounded) into the RingError message, which the allocator logs")
+def test_refusal_messages_are_bounded() -> None:
+    res = Ring.from_wire({"u": "x" * 100_000, "s": [], "e": [], "r": []}, U4)
+    assert isinstance(res, RingError) and res.kind == "universe"
+    assert len(res.message) < 500
+
+
+@pytest.mark.xfail(strict=True, reason="bug: Ring.from_wire accepts a removed list naming a "
+                   "peer twice and keeps the last heir, where merge keeps the largest")
+def test_removed_list_with_a_repeated_peer_is_refused() -> None:
+    w = wire(valid_ring())
+    w["r"] = [["echo", "zulu"], ["echo", "alpha"]]
+    res = Ring.from_wire(w, U4)
+    assert isinstance(res, RingError) and res.kind == "invalid"

@@ -166,6 +166,9 @@ class Api:
         res: dict[str, Any] = await self.d.call(RmPeer(req.match_info["name"]))
         if wants_json(req):
             return web.json_response(res)
+        if res.get("already"):
+            return web.Response(text=f"0 IPs taken over from {res['peer']}: already removed, "
+                                     f"its ranges went to {res['heir']}\n")
         return web.Response(text=f"{res['moved']} IPs taken over from {res['peer']}\n")
 
     async def leave(self, req: web.Request) -> web.Response:

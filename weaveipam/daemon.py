@@ -224,8 +224,7 @@ class Daemon:
     def peer_nickname(self, name: str) -> str:
         if name == self.name:
             return self.cfg.nickname
-        pv = self.allocator.peers.get(name)
-        return pv.nickname if pv is not None else ""
+        return self.allocator.nickname_of(name)
 
     # ---- start ---------------------------------------------------------------------------
 

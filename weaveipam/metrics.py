@@ -54,11 +54,12 @@ class _IpamCollector(Collector):
         yield GaugeMetricFamily("weave_ipam_unreachable_percentage",
                                 "Percentage of IP addresses owned by unreachable peers.",
                                 value=100.0 * dead_ips / a.universe.size)
-        allocs = sum(1 for p in a.pending if isinstance(p.req, Allocate))
+        ops = a.pending_ops()
+        allocs = sum(1 for op, _ in ops if isinstance(op, Allocate))
         yield GaugeMetricFamily("weave_ipam_pending_allocates",
                                 "Number of pending allocates.", value=allocs)
         yield GaugeMetricFamily("weave_ipam_pending_claims", "Number of pending claims.",
-                                value=len(a.pending) - allocs)
+                                value=len(ops) - allocs)
         conns = GaugeMetricFamily("weave_connections", "Number of peer connections.",
                                   labels=["state", "type", "encryption"])
         d.poll_connections()  # a connection seen by a scrape is counted when it ends

@@ -16,7 +16,6 @@ from aiohttp import web
 from . import __version__
 from .core.addr import fmt
 from .core.allocator import Allocate, Claim
-from .core.paxos import Paxos
 from .metrics import CONTENT_TYPE, unreachable_owners
 
 if TYPE_CHECKING:
@@ -41,8 +40,9 @@ def weave_state(d: Daemon) -> str:
     s = a.state()
     if d.store_error is not None:
         return "store failed"
-    if s == "awaiting-consensus" and a.paxos is not None:
-        return f"awaiting consensus (quorum: {a.paxos.quorum}, known: {a.paxos.known()})"
+    px = a.paxos_view()
+    if s == "awaiting-consensus" and px is not None:
+        return f"awaiting consensus (quorum: {px['quorum']}, known: {px['known']})"
     if s == "awaiting-ring":
         return "observer: awaiting a ring from a peer"
     if s == "waiting-for-space":
@@ -140,19 +140,20 @@ def report(d: Daemon) -> dict[str, Any]:
     live = a.reachable()
     entries = []
     for s, e, (ver, peer, free) in a.ring.iter_ranges():
-        entries.append({"token": fmt(s, bits), "size": e - s, "peer": peer,
-                        "nickname": d.peer_nickname(peer),
+        # peer "" is a boundary marker: a segment whose owner we have not heard of yet
+        entries.append({"token": fmt(s, bits), "size": e - s, "peer": peer or None,
+                        "nickname": d.peer_nickname(peer) if peer else "",
                         "reachable": peer == a.name or peer in live,
                         "version": ver, "free": free})
     now = time.monotonic()
     pending = []
-    for p in a.pending:
-        item: dict[str, Any] = {"waiting_s": round(now - (p.deadline - a.op_timeout), 3)}
-        if isinstance(p.req, Allocate):
-            item |= {"op": "allocate", "ident": p.req.ident,
-                     "subnet": str(p.req.subnet or a.default_subnet)}
-        elif isinstance(p.req, Claim):
-            item |= {"op": "claim", "ident": p.req.ident, "address": fmt(p.req.addr, bits)}
+    for op, since in a.pending_ops():
+        item: dict[str, Any] = {"waiting_s": round(now - since, 3)}
+        if isinstance(op, Allocate):
+            item |= {"op": "allocate", "ident": op.ident,
+                     "subnet": str(op.subnet or a.default_subnet)}
+        elif isinstance(op, Claim):
+            item |= {"op": "claim", "ident": op.ident, "address": fmt(op.addr, bits)}
         pending.append(item)
     out: dict[str, Any] = {
         "version": __version__,
@@ -177,9 +178,9 @@ def report(d: Daemon) -> dict[str, Any]:
                          "state": c.state, "outbound": c.outbound, "info": c.info}
                         for c in d.connections()],
     }
-    if a.ring.is_empty() and a.paxos is not None:
-        out["paxos"] = {"quorum": a.paxos.quorum, "known": a.paxos.known(),
-                        "claims": Paxos.encode(a.paxos.claims)}
+    px = a.paxos_view()
+    if px is not None:
+        out["paxos"] = px
     return out
 
 

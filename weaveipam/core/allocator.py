@@ -423,8 +423,7 @@ class Allocator:
             self.cursor = nxt
             self._reply(p.rid, nxt)
             return True
-        self._ask_for_space(p, window)
-        return False
+        return self._ask_for_space(p, window)
 
     def _claim(self, p: _Pending, req: Claim) -> bool:
         held_by = self.holder.get(req.addr)
@@ -474,9 +473,19 @@ class Allocator:
         live = self.reachable()
         return {p: f for p, f in self.ring.free_in(window, self.name).items() if p in live}
 
+    def _full(self, window: Range) -> bool:
+        """True when the ring says nobody, reachable or not, has a free address in window."""
+        if not self.synced or self.ring.is_empty():
+            return False
+        for s, e, v in self.ring.iter_ranges():
+            if v[1] and v[1] != self.name and Range(s, e).overlaps(window):
+                if v[1] not in self.reachable() or v[2] > 0:
+                    return False
+        return True
+
     def _no_space_reason(self, window: Range) -> str:
         owners = {v[1] for s, e, v in self.ring.iter_ranges()
-                  if Range(s, e).overlaps(window) and v[1] != self.name}
+                  if v[1] and Range(s, e).overlaps(window) and v[1] != self.name}
         dead = sorted(owners - self.reachable())
         if dead:
             return ("no free address here, and these peers that own part of it are "
@@ -484,21 +493,28 @@ class Allocator:
                     "`weaveipam rmpeer NAME` for each)")
         return "no free address in the subnet on any reachable peer: the range is full"
 
-    def _ask_for_space(self, p: _Pending, window: Range) -> None:
+    def _ask_for_space(self, p: _Pending, window: Range) -> bool:
+        """Ask a donor for space; True if instead the request was answered (range full)."""
         recent = [d for d, t in p.asked.items() if self.now - t < SPACE_RETRY]
         if recent:
-            return
+            return False
         donors = self._donors(window)
+        if not donors and self._full(window):
+            # no peer reports free space and none that owns part of it is unreachable:
+            # waiting cannot help, so say so now (a CNI ADD must not hang for 30 s)
+            self._fail(p.rid, "unavailable", self._no_space_reason(window))
+            return True
         for d in list(donors):
             if d in p.asked and self.now - p.asked[d] < SPACE_RETRY * 4:
                 donors.pop(d)
         if not donors:
-            return
+            return False
         names = sorted(donors)
         d = self.rng.choices(names, weights=[donors[n] for n in names])[0]
         p.asked[d] = self.now
         self._send(d, {"t": "space?", "w": [window.start - self.universe.start,
                                             window.end - self.universe.start]})
+        return False
 
     def _donate(self, to: str, window: Range) -> None:
         piece = self.space.donation(window)
@@ -570,6 +586,10 @@ class Allocator:
         if dead == self.name:
             self._fail(rid, "bad-request", "cannot rmpeer this peer itself; use "
                        "`weaveipam reset` here to hand its ranges away")
+            return
+        if dead in self.ring.removed and dead not in self.ring.peers():
+            self._reply(rid, {"moved": 0, "peer": dead, "heir": self.ring.removed[dead],
+                              "already": True})
             return
         if dead in self.reachable():
             self._fail(rid, "conflict", f"peer {dead} is reachable; stop it (or run "
@@ -813,7 +833,7 @@ class Allocator:
 
     def _on_rmpeer(self, sender: str, dead: str, rid: int) -> None:
         heir = self.heir_for(dead)
-        if dead in self.ring.removed:
+        if dead in self.ring.removed and dead not in self.ring.peers():
             self._send(sender, {"t": "rmpeer-done", "id": rid, "moved": 0, "n": dead,
                                 "heir": self.ring.removed[dead], "err": ""})
         elif heir != self.name:
@@ -850,8 +870,9 @@ class Allocator:
             return
         for p in list(self.pending):
             if now >= p.deadline:
+                reason = self._timeout_reason(p)  # while p still counts as pending
                 self.pending.remove(p)
-                self._fail(p.rid, "unavailable", self._timeout_reason(p))
+                self._fail(p.rid, "unavailable", reason)
             else:
                 self._retry(p)
         for rid, p in list(self.rm_pending.items()):
@@ -909,6 +930,22 @@ class Allocator:
                 self._send(None, {"t": "ring", "full": False, "ring": self.ring.to_wire(toks)})
 
     # ---- views for status, API and tests -------------------------------------------------
+
+    def pending_ops(self) -> list[tuple[Request, float]]:
+        """Waiting allocate/claim requests with the time each was received."""
+        return [(p.req, p.deadline - self.op_timeout) for p in self.pending]
+
+    def paxos_view(self) -> dict[str, Any] | None:
+        """Consensus progress while the ring is not seeded; None once it is (or observer)."""
+        if self.paxos is None or not self.ring.is_empty():
+            return None
+        return {"quorum": self.paxos.quorum, "known": self.paxos.known(),
+                "claims": {n: {"promise": list(c.promise), "accepted": list(c.accepted),
+                               "value": list(c.value)} for n, c in self.paxos.claims.items()}}
+
+    def nickname_of(self, name: str) -> str:
+        p = self.peers.get(name)
+        return p.nickname if p else ""
 
     def allocations(self) -> dict[str, dict[int, str]]:
         return self.allocs

@@ -9,6 +9,10 @@ join (commutative, associative, idempotent) and no same-version tie is left to c
 
 Only an entry's owner changes it, except a transfer away from a removed peer, which bumps
 the version by TRANSFER_BUMP so it wins over anything the dead peer may still write.
+
+A delta may carry *boundary markers* `(-1, "", 0)`: "a token exists here, owner not told".
+They bound the entry before them (an entry owns only up to the next token, so a receiver
+lacking that token would believe it owns more) and lose to any real entry in a merge.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ MAX_NAME = 64
 FREE_CAP = (1 << 62)  # free counts are hints; IPv6 ranges exceed what msgpack ints carry
 
 Entry = tuple[int, str, int]  # (version, peer, free): tuple order is the merge order
+MARKER: Entry = (-1, "", 0)
 
 
 @dataclass(frozen=True)
@@ -46,9 +51,13 @@ class OwnedRange:
     free: int
 
 
-def _entry_hash(token: int, e: Entry) -> int:
-    h = hashlib.blake2b(f"{token}|{e[0]}|{e[1]}|{e[2]}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "big")
+def _check_token(b: bytes, universe: CIDR, prev: int) -> int | RingError:
+    off = int.from_bytes(b, "big")
+    if off >= universe.size:
+        return RingError("invalid", "ring entry token lies outside the range")
+    if off <= prev:
+        return RingError("invalid", "ring entries are not sorted or repeat a token")
+    return off
 
 
 def valid_name(n: object) -> bool:
@@ -61,7 +70,7 @@ class Ring:
         self.entries: SortedDict = SortedDict()  # int -> Entry
         self.seeds: tuple[str, ...] = ()
         self.removed: dict[str, str] = {}  # removed peer -> heir (grow-only)
-        self._digest = 0
+        self._digest: int | None = None
 
     # ---- reading -------------------------------------------------------------------
 
@@ -72,13 +81,20 @@ class Ring:
         return len(self.entries)
 
     def digest(self) -> int:
-        """Order-independent summary, equal on equal rings: anti-entropy compares these."""
-        d = self._digest
-        for n in self.seeds:
-            d ^= _entry_hash(0, (0, "seed:" + n, 0))
-        for n, h in self.removed.items():
-            d ^= _entry_hash(1, (0, f"rm:{n}>{h}", 0))
-        return d
+        """A 64-bit summary, equal on equal rings: anti-entropy compares these.
+
+        Computed on demand and cached until the next change, so merges stay cheap.
+        """
+        if self._digest is None:
+            if not self.entries and not self.seeds and not self.removed:
+                self._digest = 0  # "I have no ring": peers answer with theirs
+                return 0
+            h = hashlib.blake2b(digest_size=8)
+            h.update(repr((self.seeds, sorted(self.removed.items()))).encode())
+            for t, (v, p, f) in self.entries.items():
+                h.update(f"{t},{v},{p},{f};".encode())
+            self._digest = int.from_bytes(h.digest(), "big")
+        return self._digest
 
     def end_of(self, token: int) -> int:
         i = self.entries.bisect_right(token)
@@ -90,7 +106,7 @@ class Ring:
         i = self.entries.bisect_right(addr) - 1
         if i < 0:
             return None
-        return str(self.entries.values()[i][1])
+        return str(self.entries.values()[i][1]) or None
 
     def iter_ranges(self) -> Iterator[tuple[int, int, Entry]]:
         keys = self.entries.keys()
@@ -107,7 +123,8 @@ class Ring:
         """Peer -> number of addresses it owns."""
         out: dict[str, int] = {}
         for s, e, v in self.iter_ranges():
-            out[v[1]] = out.get(v[1], 0) + (e - s)
+            if v[1]:
+                out[v[1]] = out.get(v[1], 0) + (e - s)
         return out
 
     def free_in(self, window: Range, exclude: str) -> dict[str, int]:
@@ -119,18 +136,15 @@ class Ring:
             ov = Range(s, e).intersect(window)
             if ov is None:
                 continue
-            share = v[2] if ov.size == e - s else min(v[2], ov.size)
+            share = min(v[2], ov.size)
             out[v[1]] = out.get(v[1], 0) + share
         return out
 
     # ---- changing (only the owner of an entry calls these) --------------------------
 
     def _set(self, token: int, e: Entry) -> None:
-        old = self.entries.get(token)
-        if old is not None:
-            self._digest ^= _entry_hash(token, old)
         self.entries[token] = e
-        self._digest ^= _entry_hash(token, e)
+        self._digest = None
 
     def seed(self, peers: Iterable[str]) -> None:
         """CIDR-aligned initial split, identical on every node given the same peer set."""
@@ -198,6 +212,7 @@ class Ring:
         if name in self.removed:
             return False
         self.removed[name] = heir
+        self._digest = None
         return True
 
     # ---- merging ---------------------------------------------------------------------
@@ -215,18 +230,21 @@ class Ring:
                              f"{','.join(other.seeds)} there, {','.join(self.seeds)} here")
         if self.is_empty() and other.entries and other.universe.start not in other.entries:
             return RingError("unseeded", "partial ring received before a full one")
-        changed: list[int] = []
         mine = self.entries
-        for tok, e in other.entries.items():
-            cur = mine.get(tok)
-            if cur is None or e > cur:
-                self._set(tok, e)
-                changed.append(tok)
+        get = mine.get
+        changed = [tok for tok, e in other.entries.items()
+                   if (cur := get(tok)) is None or e > cur]
+        if changed:
+            oe = other.entries
+            mine.update((t, oe[t]) for t in changed)
+            self._digest = None
         if other.seeds and not self.seeds:
             self.seeds = other.seeds
+            self._digest = None
         for n, h in other.removed.items():
             if n not in self.removed or h > self.removed[n]:
                 self.removed[n] = h
+                self._digest = None
         return changed
 
     # ---- wire ------------------------------------------------------------------------
@@ -242,14 +260,15 @@ class Ring:
             # included) knows where it ends and never believes it owns more
             want = set(tokens)
             keys = self.entries.keys()
-            for t in list(want):
+            bounds = set()
+            for t in want:
                 i = self.entries.bisect_right(t)
-                if i < len(keys):
-                    want.add(keys[i])
-            toks = sorted(want)
+                if i < len(keys) and keys[i] not in want:
+                    bounds.add(keys[i])
+            toks = sorted(want | bounds)
         ents = []
         for t in toks:
-            v = self.entries[t]
+            v = MARKER if tokens is not None and t in bounds else self.entries[t]
             ents.append([(t - base).to_bytes(nb, "big"), v[1], v[0], v[2]])
         return {"u": str(self.universe), "s": list(self.seeds), "e": ents,
                 "r": sorted([k, h] for k, h in self.removed.items())}
@@ -286,22 +305,26 @@ class Ring:
         parsed: list[tuple[int, Entry]] = []
         for x in ents:
             if not (isinstance(x, list) and len(x) == 4 and isinstance(x[0], bytes)
-                    and len(x[0]) == nb and valid_name(x[1])
-                    and type(x[2]) is int and type(x[3]) is int):
+                    and len(x[0]) == nb and type(x[2]) is int and type(x[3]) is int):
                 return bad("ring entry must be [token bytes, peer, version, free]")
-            off = int.from_bytes(x[0], "big")
-            if off >= universe.size:
-                return bad("ring entry token lies outside the range")
-            if off <= prev:
-                return bad("ring entries are not sorted or repeat a token")
-            if not (0 <= x[2] <= MAX_VERSION) or not (0 <= x[3] <= FREE_CAP):
-                return bad("ring entry version or free count out of bounds")
+            off = _check_token(x[0], universe, prev)
+            if isinstance(off, RingError):
+                return off
             prev = off
-            parsed.append((universe.start + off, (x[2], x[1], x[3])))
-        for i, (tok, e) in enumerate(parsed):
-            end = parsed[i + 1][0] if i + 1 < len(parsed) else universe.end
-            if e[2] > min(end - tok, FREE_CAP):
-                return bad("ring entry claims more free addresses than it spans")
+            e: Entry
+            if (x[1], x[2], x[3]) == ("", -1, 0):
+                e = MARKER
+            elif not valid_name(x[1]):
+                return bad("ring entry peer must be a peer name")
+            elif not (0 <= x[2] <= MAX_VERSION) or not (0 <= x[3] <= FREE_CAP):
+                return bad("ring entry version or free count out of bounds")
+            else:
+                e = (x[2], x[1], x[3])
+            parsed.append((universe.start + off, e))
+        # A free count above the entry's span is not refused (Weave refused it and isolated
+        # nodes): merging deltas legitimately leaves a stale count on an entry that was
+        # split since. Free is a hint for picking donors and is clamped where it is used.
+        for tok, e in parsed:
             r._set(tok, e)
         return r
 
