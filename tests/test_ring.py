@@ -886,16 +886,12 @@ def roundtrip_delta(r: Ring, tokens: list[int]) -> Ring:
     return d
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Ring.from_wire puts the peer's whole 'u' value "
-                   "(repr, unbounded) into the RingError message, which the allocator logs")
 def test_refusal_messages_are_bounded() -> None:
     res = Ring.from_wire({"u": "x" * 100_000, "s": [], "e": [], "r": []}, U4)
     assert isinstance(res, RingError) and res.kind == "universe"
     assert len(res.message) < 500
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Ring.from_wire accepts a removed list naming a "
-                   "peer twice and keeps the last heir, where merge keeps the largest")
 def test_removed_list_with_a_repeated_peer_is_refused() -> None:
     w = wire(valid_ring())
     w["r"] = [["echo", "zulu"], ["echo", "alpha"]]

@@ -204,6 +204,7 @@ class Allocator:
         self.left = False
         self.rm_pending: dict[int, _Pending] = {}
         self.ring_sent: dict[str, float] = {}
+        self._windows: dict[CIDR | None, Range] = {}
         self.next_ring_ask = now
         self.restored = False
         self.sync_deadline = now + SYNC_GRACE
@@ -410,8 +411,7 @@ class Allocator:
         if isinstance(req, Claim):
             return self._claim(p, req)
         assert isinstance(req, Allocate)
-        subnet = req.subnet or self.default_subnet
-        window = subnet.usable()
+        window = self._window(req.subnet)
         have = self.allocs.get(req.ident, {})
         for a in have:
             if a in window:
@@ -424,6 +424,15 @@ class Allocator:
             self._reply(p.rid, nxt)
             return True
         return self._ask_for_space(p, window)
+
+    def _window(self, subnet: CIDR | None) -> Range:
+        """Addresses a plain allocation in `subnet` may get (cached: asked on every call)."""
+        w = self._windows.get(subnet)
+        if w is None:
+            if len(self._windows) > 256:  # subnets come from callers: keep it bounded
+                self._windows.clear()
+            w = self._windows[subnet] = (subnet or self.default_subnet).usable()
+        return w
 
     def _claim(self, p: _Pending, req: Claim) -> bool:
         held_by = self.holder.get(req.addr)

@@ -282,7 +282,8 @@ class Ring:
         if not isinstance(obj, dict) or set(obj) != {"u", "s", "e", "r"}:
             return bad("ring must be a map with keys u, s, e, r")
         if obj["u"] != str(universe):
-            return RingError("universe", f"ring is for range {obj['u']!r}, ours is {universe}")
+            return RingError("universe", f"ring is for range {str(obj['u'])[:64]!r}, "
+                                         f"ours is {universe}")
         seeds, ents, rem = obj["s"], obj["e"], obj["r"]
         if not isinstance(seeds, list) or not all(valid_name(n) for n in seeds):
             return bad("ring seeds must be a list of peer names")
@@ -293,6 +294,8 @@ class Ring:
             for p in rem
         ):
             return bad("ring removed list must hold [peer, heir] pairs")
+        if [p[0] for p in rem] != sorted({p[0] for p in rem}):
+            return bad("ring removed list must be sorted with each peer once")
         if not isinstance(ents, list):
             return bad("ring entries must be a list")
         if ents and not seeds:

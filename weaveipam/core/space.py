@@ -6,6 +6,8 @@ next free address, taking and freeing one are O(log n) and free space costs noth
 
 from __future__ import annotations
 
+from bisect import bisect_right
+
 from sortedcontainers import SortedDict
 
 from .addr import Range, largest_aligned
@@ -14,8 +16,10 @@ from .addr import Range, largest_aligned
 class Space:
     def __init__(self) -> None:
         self._owned: SortedDict = SortedDict()  # start -> end, one per ring entry we own
+        self._ostarts: list[int] = []           # the same starts, for stdlib bisect
         self._used_in: dict[int, int] = {}      # owned start -> used count
         self._runs: SortedDict = SortedDict()   # used runs: start -> end
+        self._rkeys = self._runs.keys()         # live view; indexing it is O(log n)
         self.used = 0
 
     # ---- ownership --------------------------------------------------------------------
@@ -23,6 +27,7 @@ class Space:
     def set_owned(self, ranges: list[Range]) -> None:
         """Replace the owned ranges (after a ring change); used addresses are kept."""
         self._owned = SortedDict((r.start, r.end) for r in ranges)
+        self._ostarts = list(self._owned.keys())
         self._used_in = {s: self._count_used(s, e) for s, e in self._owned.items()}
 
     def owned(self) -> list[Range]:
@@ -32,11 +37,11 @@ class Space:
         return sum(e - s for s, e in self._owned.items())
 
     def _owning(self, a: int) -> int | None:
-        i = self._owned.bisect_right(a) - 1
+        i = bisect_right(self._ostarts, a) - 1
         if i < 0:
             return None
-        s = self._owned.keys()[i]
-        return int(s) if a < self._owned[s] else None
+        s = self._ostarts[i]
+        return s if a < self._owned[s] else None
 
     def owns(self, a: int) -> bool:
         return self._owning(a) is not None
@@ -70,31 +75,33 @@ class Space:
 
     # ---- use ---------------------------------------------------------------------------
 
-    def is_used(self, a: int) -> bool:
+    def _run_at(self, a: int) -> tuple[int, int] | None:
+        """The used run containing or ending just below `a`, as (start, end)."""
         i = self._runs.bisect_right(a) - 1
-        return i >= 0 and a < int(self._runs.values()[i])
+        if i < 0:
+            return None
+        st = self._rkeys[i]
+        return st, self._runs[st]
+
+    def is_used(self, a: int) -> bool:
+        r = self._run_at(a)
+        return r is not None and a < r[1]
 
     def _run_end_from(self, a: int) -> int:
         """First address >= a that is not used."""
-        i = self._runs.bisect_right(a) - 1
-        if i >= 0:
-            e = self._runs.values()[i]
-            if a < e:
-                return int(e)
-        return a
+        r = self._run_at(a)
+        return r[1] if r is not None and a < r[1] else a
 
     def take(self, a: int) -> None:
         """Mark `a` used; the caller has checked it is free (owned or not: a restart may
         restore an address before the ring that owns it)."""
         runs = self._runs
-        i = runs.bisect_right(a) - 1
         start, end = a, a + 1
-        if i >= 0:
-            ps = runs.keys()[i]
-            pe = runs[ps]
-            assert pe <= a, "address already used"
-            if pe == a:
-                start = ps
+        r = self._run_at(a)
+        if r is not None:
+            assert r[1] <= a, "address already used"
+            if r[1] == a:
+                start = r[0]
         nxt = runs.get(a + 1)
         if nxt is not None:
             end = nxt
@@ -107,13 +114,10 @@ class Space:
 
     def free(self, a: int) -> bool:
         runs = self._runs
-        i = runs.bisect_right(a) - 1
-        if i < 0:
+        r = self._run_at(a)
+        if r is None or a >= r[1]:
             return False
-        s = runs.keys()[i]
-        e = runs[s]
-        if a >= e:
-            return False
+        s, e = r
         if s == a:
             del runs[s]
         else:
