@@ -772,7 +772,9 @@ class Allocator:
             return None
         self.dirty.update(res)
         before = self.space.owned_size()
-        self._owned_changed()
+        me = self.name
+        if was_empty or any(self.ring.entries[t][1] == me or self.space.owns(t) for t in res):
+            self._owned_changed()  # only changes at or inside our ranges can move them
         if self.name in self.ring.removed and not self.known_removed and self.restored:
             self.known_removed = True
             heir = self.ring.removed[self.name]

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .ring import MAX_VERSION, valid_name
+from .ring import MAX_VERSION, valid_name, valid_names
 
 ProposalID = tuple[int, str]  # (round, proposer); tuple order is proposal order
 NONE: ProposalID = (0, "")
@@ -52,7 +52,7 @@ class Claims:
         for p in (pp, ap, op):
             if not (p == "" or valid_name(p)):
                 return None
-        if not isinstance(val, list) or len(val) > MAX_VALUE or not all(map(valid_name, val)):
+        if not isinstance(val, list) or len(val) > MAX_VALUE or not valid_names(val):
             return None
         return Claims((pr, pp), (ar, ap), tuple(val), (orr, op))
 

@@ -60,6 +60,17 @@ def _check_token(b: bytes, universe: CIDR, prev: int) -> int | RingError:
     return off
 
 
+def valid_names(ns: list[Any]) -> bool:
+    """valid_name for every element, at C speed (Paxos values list every peer)."""
+    if not ns:
+        return True
+    try:
+        joined = "".join(ns)
+    except TypeError:
+        return False
+    return joined.isprintable() and 0 < min(map(len, ns)) and max(map(len, ns)) <= MAX_NAME
+
+
 def valid_name(n: object) -> bool:
     return isinstance(n, str) and 0 < len(n) <= MAX_NAME and n.isprintable()
 
@@ -109,12 +120,14 @@ class Ring:
         return str(self.entries.values()[i][1]) or None
 
     def iter_ranges(self) -> Iterator[tuple[int, int, Entry]]:
-        keys = self.entries.keys()
-        vals = self.entries.values()
-        n = len(keys)
-        for i in range(n):
-            end = keys[i + 1] if i + 1 < n else self.universe.end
-            yield keys[i], end, vals[i]
+        it = iter(self.entries.items())
+        prev = next(it, None)
+        if prev is None:
+            return
+        for t, e in it:
+            yield prev[0], t, prev[1]
+            prev = (t, e)
+        yield prev[0], self.universe.end, prev[1]
 
     def owned_by(self, peer: str) -> list[OwnedRange]:
         return [OwnedRange(s, e, v[0], v[2]) for s, e, v in self.iter_ranges() if v[1] == peer]
@@ -285,7 +298,7 @@ class Ring:
             return RingError("universe", f"ring is for range {str(obj['u'])[:64]!r}, "
                                          f"ours is {universe}")
         seeds, ents, rem = obj["s"], obj["e"], obj["r"]
-        if not isinstance(seeds, list) or not all(valid_name(n) for n in seeds):
+        if not isinstance(seeds, list) or not valid_names(seeds):
             return bad("ring seeds must be a list of peer names")
         if seeds != sorted(set(seeds)):
             return bad("ring seeds must be sorted and unique")
