@@ -7,7 +7,7 @@ install:
 	$(PY) -m pip install -q -e '.[test]'
 
 run: install
-	$(PY) -m weaveipam daemon
+	$(PY) -m weaveipam daemon --data-dir .weaveipam --socket .weaveipam/ipam.sock
 
 test: install
 	$(PY) -m ruff check weaveipam tests benchmarks

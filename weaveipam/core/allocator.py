@@ -660,7 +660,7 @@ class Allocator:
         pv.nickname, pv.reachable = nickname, True
         # With a ring, say nothing: a new peer asks one of us for it (tick), and anti-entropy
         # covers the rest; answering every peer_up would cost O(peers) rings per join.
-        if self.ring.is_empty() and self.paxos is not None and self.paxos.claims:
+        if self.ring.is_empty() and self.paxos is not None and self.paxos.active():
             self._send(name, {"t": "paxos", "c": Paxos.encode(self.paxos.claims)})
         for p in list(self.pending):
             self._retry(p)

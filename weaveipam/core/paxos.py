@@ -136,6 +136,11 @@ class Paxos:
                         return c.value
         return None
 
+    def active(self) -> bool:
+        """Has anyone proposed yet? Before that, our claims are empty and not worth sending
+        (a joiner telling every peer so made each answer with its whole ring: O(N^2))."""
+        return any(c.promise != NONE for c in self.claims.values())
+
     def known(self) -> int:
         return len(self.claims)
 

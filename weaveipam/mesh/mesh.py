@@ -327,9 +327,9 @@ class Mesh:
                 encrypted=False, info=""))
         for t in self._targets.values():
             state: ConnState
-            if t.conn is not None or (t.peer_name is not None
-                                      and t.peer_name in self._established):
-                continue
+            if t.conn is not None or t.to_self or (t.peer_name is not None
+                                                   and t.peer_name in self._established):
+                continue  # our own address in a shared peer list is not a connection
             if t.dialling:
                 state = "connecting"
             elif t.last_error:
