@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from .cni import add_cni_routes
 from .core.addr import CIDR, AddrError, fmt, parse_addr
 from .core.allocator import Allocate, Claim, Leave, Lookup, Prime, Release, RmPeer
 from .daemon import ApiError
@@ -226,4 +227,5 @@ def make_api_app(d: Daemon) -> web.Application:
     r.add_get("/ipinfo/defaultsubnet", api.default_subnet)
     r.add_get("/openapi.yaml", api.openapi)
     add_status_routes(app, d)
+    add_cni_routes(app, d)
     return app

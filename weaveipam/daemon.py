@@ -33,6 +33,7 @@ from .core.allocator import (
     Event,
     InitMode,
     Persist,
+    Prime,
     Reply,
     Request,
     Send,
@@ -270,6 +271,11 @@ class Daemon:
                 log.warning("ignoring peer %s:%d: %s", host, port, e)
         await self._start_servers()
         self._tasks.append(asyncio.create_task(self._ticker(), name="weaveipam-tick"))
+        if cfg.init.kind == "consensus":
+            # Start consensus now, not at the first pod: /readyz (the DaemonSet's readiness)
+            # needs a ring, and the first pod should not wait for Paxos. Safe: a value is
+            # still decided only by a quorum of N/2+1 peers that reach each other.
+            self._run("prime", lambda now: self.allocator.request(0, Prime(), now))
         log.info("weaveipam %s(%s) started: range %s, init %s, peer port %d, %d peer(s) "
                  "given, API on %s%s, status on %s, state %s", self.name, cfg.nickname,
                  cfg.universe, _init_text(cfg.init), self.mesh.listen_port, len(cfg.peers),

@@ -187,6 +187,7 @@ class Allocator:
         self.allocs: dict[str, dict[int, str]] = {}
         self.holder: dict[int, str] = {}
         self.peers: dict[str, PeerView] = {}
+        self._reach: set[str] = set()
         self.pending: list[_Pending] = []
         self.cursor = universe.start
         self.out: list[Output] = []
@@ -195,6 +196,8 @@ class Allocator:
         self.next_propose = 0.0
         self.next_gossip = now
         self.next_ae = now + ANTI_ENTROPY
+        self.last_ae = now
+        self.last_change = now
         self.fault: str | None = None        # "duplicate-name" | "removed": refuse to work
         self.fault_text = ""
         self.split: tuple[str, str, float] | None = None  # (peer, their seeds, when)
@@ -332,7 +335,15 @@ class Allocator:
         return self.space.has_free(w) or bool(self._donors(w))
 
     def reachable(self) -> set[str]:
-        return {n for n, p in self.peers.items() if p.reachable}
+        return self._reach
+
+    def _set_reachable(self, name: str, up: bool) -> None:
+        pv = self.peers.setdefault(name, PeerView())
+        pv.reachable = up
+        if up:
+            self._reach.add(name)
+        else:
+            self._reach.discard(name)
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -656,8 +667,8 @@ class Allocator:
         self.now = now
         if name == self.name:
             return
-        pv = self.peers.setdefault(name, PeerView())
-        pv.nickname, pv.reachable = nickname, True
+        self._set_reachable(name, True)
+        self.peers[name].nickname = nickname
         # With a ring, say nothing: a new peer asks one of us for it (tick), and anti-entropy
         # covers the rest; answering every peer_up would cost O(peers) rings per join.
         if self.ring.is_empty() and self.paxos is not None and self.paxos.active():
@@ -669,7 +680,7 @@ class Allocator:
     def peer_down(self, name: str, now: float) -> None:
         self.now = now
         if name in self.peers:
-            self.peers[name].reachable = False
+            self._set_reachable(name, False)
 
     def duplicate_name(self, uid_text: str) -> None:
         """The shell saw another peer using our name (a cloned machine: Weave #2606)."""
@@ -691,8 +702,8 @@ class Allocator:
         if not valid_name(sender):
             self._event("warning", "message from a peer with an invalid name ignored")
             return
-        pv = self.peers.setdefault(sender, PeerView())
-        pv.reachable = True
+        if sender not in self._reach:
+            self._set_reachable(sender, True)
         err = self._dispatch(sender, msg)
         if err:
             self._event("warning", f"bad message from {sender}: {err}")
@@ -771,6 +782,8 @@ class Allocator:
         if not res and not was_empty and not newly_synced:
             return None
         self.dirty.update(res)
+        if res:
+            self.last_change = self.now
         before = self.space.owned_size()
         me = self.name
         if was_empty or any(self.ring.entries[t][1] == me or self.space.owns(t) for t in res):
@@ -909,7 +922,12 @@ class Allocator:
                     self._paxos_step(relay=True)
         elif now >= self.next_gossip:
             self._report_free()
-        if now >= self.next_ae:
+        # Anti-entropy repairs lost deltas; while deltas are flowing the digests differ
+        # anyway and full rings would flood a large cluster, so it waits for a quiet
+        # interval (but runs at least every 5 intervals under constant churn).
+        quiet = now - self.last_change >= ANTI_ENTROPY or now - self.last_ae >= 5 * ANTI_ENTROPY
+        if now >= self.next_ae and quiet:
+            self.last_ae = now
             self.next_ae = now + ANTI_ENTROPY * self.rng.uniform(0.75, 1.25)
             live = sorted(self.reachable())
             if live:

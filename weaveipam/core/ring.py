@@ -51,15 +51,6 @@ class OwnedRange:
     free: int
 
 
-def _check_token(b: bytes, universe: CIDR, prev: int) -> int | RingError:
-    off = int.from_bytes(b, "big")
-    if off >= universe.size:
-        return RingError("invalid", "ring entry token lies outside the range")
-    if off <= prev:
-        return RingError("invalid", "ring entries are not sorted or repeat a token")
-    return off
-
-
 def valid_names(ns: list[Any]) -> bool:
     """valid_name for every element, at C speed (Paxos values list every peer)."""
     if not ns:
@@ -314,34 +305,39 @@ class Ring:
         if ents and not seeds:
             return bad("ring has entries but no seeds")
         nb = universe.bits // 8
-        r = Ring(universe)
-        r.seeds = tuple(seeds)
-        r.removed = {p[0]: p[1] for p in rem}
+        size = universe.size
         prev = -1
-        parsed: list[tuple[int, Entry]] = []
+        toks: list[int] = []
+        vals: list[Entry] = []
+        names: list[str] = []
         for x in ents:
             if not (isinstance(x, list) and len(x) == 4 and isinstance(x[0], bytes)
                     and len(x[0]) == nb and type(x[2]) is int and type(x[3]) is int):
                 return bad("ring entry must be [token bytes, peer, version, free]")
-            off = _check_token(x[0], universe, prev)
-            if isinstance(off, RingError):
-                return off
+            off = int.from_bytes(x[0], "big")
+            if off >= size:
+                return bad("ring entry token lies outside the range")
+            if off <= prev:
+                return bad("ring entries are not sorted or repeat a token")
             prev = off
-            e: Entry
-            if (x[1], x[2], x[3]) == ("", -1, 0):
-                e = MARKER
-            elif not valid_name(x[1]):
-                return bad("ring entry peer must be a peer name")
-            elif not (0 <= x[2] <= MAX_VERSION) or not (0 <= x[3] <= FREE_CAP):
+            p, v, f = x[1], x[2], x[3]
+            if p == "" and v == -1 and f == 0:
+                vals.append(MARKER)
+            elif not (0 <= v <= MAX_VERSION and 0 <= f <= FREE_CAP):
                 return bad("ring entry version or free count out of bounds")
             else:
-                e = (x[2], x[1], x[3])
-            parsed.append((universe.start + off, e))
+                names.append(p)
+                vals.append((v, p, f))
+            toks.append(universe.start + off)
+        if not valid_names(names):
+            return bad("ring entry peer must be a peer name")
         # A free count above the entry's span is not refused (Weave refused it and isolated
         # nodes): merging deltas legitimately leaves a stale count on an entry that was
         # split since. Free is a hint for picking donors and is clamped where it is used.
-        for tok, e in parsed:
-            r._set(tok, e)
+        r = Ring(universe)
+        r.seeds = tuple(seeds)
+        r.removed = {p[0]: p[1] for p in rem}
+        r.entries = SortedDict(zip(toks, vals, strict=True))  # already sorted: one pass
         return r
 
     def copy(self) -> Ring:

@@ -20,6 +20,8 @@ class Space:
         self._used_in: dict[int, int] = {}      # owned start -> used count
         self._runs: SortedDict = SortedDict()   # used runs: start -> end
         self._rkeys = self._runs.keys()         # live view; indexing it is O(log n)
+        self._owned_list: list[Range] = []
+        self.generation = 0
         self.used = 0
 
     # ---- ownership --------------------------------------------------------------------
@@ -28,10 +30,12 @@ class Space:
         """Replace the owned ranges (after a ring change); used addresses are kept."""
         self._owned = SortedDict((r.start, r.end) for r in ranges)
         self._ostarts = list(self._owned.keys())
+        self._owned_list = [Range(s, e) for s, e in self._owned.items()]
+        self.generation += 1  # lets observers skip work when ownership did not move
         self._used_in = {s: self._count_used(s, e) for s, e in self._owned.items()}
 
     def owned(self) -> list[Range]:
-        return [Range(s, e) for s, e in self._owned.items()]
+        return list(self._owned_list)
 
     def owned_size(self) -> int:
         return sum(e - s for s, e in self._owned.items())

@@ -96,6 +96,7 @@ class Simulator:
         self.ledger: dict[int, tuple[int, str]] = {}
         self.owned_index: SortedDict = SortedDict()  # start -> (end, node)
         self.owned_of: dict[int, list[Range]] = {}
+        self.index_key: dict[int, Any] = {}
         self.events: list[str] = []
         for _ in range(nodes):
             self._add_node(connect=join_all)
@@ -364,6 +365,10 @@ class Simulator:
         return a is not None and a.synced and not a.fault and not a.left and not a.split
 
     def _reindex(self, n: SimNode) -> None:
+        key = (id(n.alloc), n.alloc.space.generation, self.believes(n)) if n.alloc else None
+        if self.index_key.get(n.idx) == key:
+            return  # ownership (and whether it counts) did not move since last time
+        self.index_key[n.idx] = key
         new = n.alloc.owned_ranges() if self.believes(n) and n.alloc else []
         old = self.owned_of.get(n.idx, [])
         if new == old:
