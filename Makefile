@@ -9,10 +9,13 @@ install:
 run: install
 	$(PY) -m weaveipam daemon --data-dir .weaveipam --socket .weaveipam/ipam.sock
 
-test: install
+test: install shim
 	$(PY) -m ruff check weaveipam tests benchmarks
-	$(PY) -m mypy weaveipam/core weaveipam/sim
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+	$(PY) -m mypy weaveipam/core weaveipam/sim weaveipam/cni
+	$(PY) -m pytest -q -p no:cacheprovider
+
+shim:
+	$(MAKE) -C cni-shim
 
 sim:
 	$(PY) -m weaveipam.sim --nodes 25 --seed 1 --faults

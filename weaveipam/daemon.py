@@ -33,7 +33,6 @@ from .core.allocator import (
     Event,
     InitMode,
     Persist,
-    Prime,
     Reply,
     Request,
     Send,
@@ -243,7 +242,10 @@ class Daemon:
             self.alloc = Allocator(name=self.name, nickname=cfg.nickname, universe=cfg.universe,
                                    init=cfg.init, rng=random.Random(),
                                    now=time.monotonic(), default_subnet=cfg.default_subnet,
-                                   snapshot=snap, op_timeout=cfg.op_timeout)
+                                   snapshot=snap, op_timeout=cfg.op_timeout,
+                                   # consensus starts without waiting for the first pod:
+                                   # /readyz (the DaemonSet's readiness) needs a ring
+                                   auto_prime=True)
         except ValueError as e:
             raise StartupError(f"cannot restore state from {cfg.store_path}: {e}. "
                                + self._discard_hint()) from e
@@ -271,11 +273,7 @@ class Daemon:
                 log.warning("ignoring peer %s:%d: %s", host, port, e)
         await self._start_servers()
         self._tasks.append(asyncio.create_task(self._ticker(), name="weaveipam-tick"))
-        if cfg.init.kind == "consensus":
-            # Start consensus now, not at the first pod: /readyz (the DaemonSet's readiness)
-            # needs a ring, and the first pod should not wait for Paxos. Safe: a value is
-            # still decided only by a quorum of N/2+1 peers that reach each other.
-            self._run("prime", lambda now: self.allocator.request(0, Prime(), now))
+
         log.info("weaveipam %s(%s) started: range %s, init %s, peer port %d, %d peer(s) "
                  "given, API on %s%s, status on %s, state %s", self.name, cfg.nickname,
                  cfg.universe, _init_text(cfg.init), self.mesh.listen_port, len(cfg.peers),

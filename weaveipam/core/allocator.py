@@ -37,6 +37,7 @@ PROPOSE_BACKOFF = (0.2, 1.0)
 GOSSIP_INTERVAL = 0.5     # ring deltas are batched this long
 ANTI_ENTROPY = 3.0        # digest exchange with one random peer
 SPLIT_FORGET = 30.0
+AUTO_PRIME_AFTER = 5.0
 SYNC_GRACE = 10.0         # after a restart with no in-sync peer, trust merged rings
 MAX_IDENT = 256
 
@@ -167,7 +168,8 @@ class PeerView:
 class Allocator:
     def __init__(self, *, name: str, nickname: str, universe: CIDR, init: InitMode,
                  rng: random.Random, now: float, default_subnet: CIDR | None = None,
-                 snapshot: Snapshot | None = None, op_timeout: float = OP_TIMEOUT) -> None:
+                 snapshot: Snapshot | None = None, op_timeout: float = OP_TIMEOUT,
+                 auto_prime: bool = False) -> None:
         self.name = name
         self.nickname = nickname
         self.universe = universe
@@ -193,7 +195,12 @@ class Allocator:
         self.out: list[Output] = []
         self.dirty: set[int] = set()
         self.primed = False
+        # a daemon starts consensus by itself (DaemonSet readiness), but only once every
+        # peer it was told to expect is reachable, or a quorum is and AUTO_PRIME_AFTER has
+        # passed: proposing alone at start would seed the ring with too few peers
+        self.auto_prime_at = now + AUTO_PRIME_AFTER if auto_prime else None
         self.next_propose = 0.0
+        self.paxos_progress = -1e9  # when others' claims last changed what we know
         self.next_gossip = now
         self.next_ae = now + ANTI_ENTROPY
         self.last_ae = now
@@ -816,13 +823,19 @@ class Allocator:
             return None
         if self.paxos is None:
             return None
-        if self.paxos.update(claims) or self.paxos.dirty:
+        if self.paxos.update(claims):
+            self.paxos_progress = self.now
+            self._paxos_step()
+        elif self.paxos.dirty:
             self._paxos_step()
         return None
 
     def _paxos_step(self, relay: bool = False) -> None:
         """Think; gossip at once if our own claims moved, else batch relays until a tick."""
         assert self.paxos is not None
+        # the value we would accept is the peers we know *now*: those that connected since
+        # we proposed get a share of the ring instead of waiting for donations
+        self.paxos.proposal_value = tuple(sorted({self.name} | self.reachable()))
         self.paxos.think()
         if self.name in self.paxos.dirty or (relay and self.paxos.dirty):
             dirty = self.paxos.take_dirty()
@@ -849,9 +862,15 @@ class Allocator:
             return
         if not force and self.now < self.next_propose:
             return
-        known = {self.name} | set(self.reachable())
-        self.paxos.propose(tuple(known))
         lo, hi = PROPOSE_BACKOFF
+        known = {self.name} | set(self.reachable())
+        if not force and self.now - self.paxos_progress < hi:
+            # a ballot is moving: a new one would only pre-empt it (duelling proposers
+            # kept 25 daemons on 2 cores from ever deciding); look again later
+            self.next_propose = self.now + self.rng.uniform(lo, hi)
+            return
+        if not self.paxos.propose(tuple(known)):
+            return
         self.next_propose = self.now + self.rng.uniform(lo, hi) * (1 + 0.1 * len(known))
         self._paxos_step()
 
@@ -916,6 +935,11 @@ class Allocator:
                 self._send(self.rng.choice(live), {"t": "ring?"})
         if self.ring.is_empty():
             if self.paxos is not None:
+                if self.auto_prime_at is not None and not self.primed:
+                    known = len(self.reachable()) + 1
+                    if known >= self.init.count or (
+                            now >= self.auto_prime_at and known >= self.paxos.quorum):
+                        self.primed = True
                 if self.pending or self.primed:
                     self._maybe_propose(force=False)
                 if self.paxos.dirty:

@@ -1,0 +1,266 @@
+"""The CNI service in-process: a real allocator behind a fake daemon, no processes."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from typing import Any
+
+import pytest
+
+from weaveipam.cni.config import HEADERS
+from weaveipam.cni.service import CniService
+from weaveipam.core.addr import CIDR
+from weaveipam.core.allocator import Allocator, InitMode, Reply, Request
+from weaveipam.daemon import ApiError
+
+
+class FakeDaemon:
+    """Daemon.call without IO: the reply comes out of the same allocator call; a request
+    that would wait (no consensus) answers "unavailable", as the daemon does on timeout."""
+
+    def __init__(self, range_: str = "198.18.0.0/24", init: str = "consensus=1",
+                 default_subnet: str | None = None) -> None:
+        self.alloc = Allocator(name="02:00:00:00:00:01", nickname="n",
+                               universe=CIDR.parse(range_), init=InitMode.parse(init),
+                               rng=random.Random(1), now=time.monotonic(),
+                               default_subnet=CIDR.parse(default_subnet)
+                               if default_subnet else None)
+        self.alloc.take_outputs()
+        self.stopping = False
+        self.store_error: str | None = None
+        self.rid = 0
+        self.calls: list[Request] = []
+
+    @property
+    def allocator(self) -> Allocator:
+        return self.alloc
+
+    async def call(self, req: Request) -> Any:
+        if self.stopping:
+            raise ApiError("unavailable", "the daemon is shutting down; retry shortly")
+        self.calls.append(req)
+        self.rid += 1
+        self.alloc.request(self.rid, req, time.monotonic())
+        for o in self.alloc.take_outputs():
+            if isinstance(o, Reply) and o.rid == self.rid:
+                if o.error is not None:
+                    raise ApiError(o.error.code, o.error.message)
+                return o.value
+        raise ApiError("unavailable", "timed out: awaiting consensus")
+
+    def held(self) -> dict[str, list[str]]:
+        u = self.alloc.universe
+        return {i: [u.fmt_addr(a) for a in addrs]
+                for i, addrs in self.alloc.allocations().items()}
+
+
+class Runner:
+    def __init__(self, d: FakeDaemon) -> None:
+        self.d = d
+        self.svc = CniService(d)
+
+    async def __call__(self, cmd: str | None, conf: dict[str, Any] | bytes, *,
+                       cid: str | None = "c1", ifname: str | None = "eth0",
+                       netns: str | None = "/run/netns/x",
+                       args: str | None = None) -> tuple[int, Any]:
+        raw: dict[str, str | None] = dict.fromkeys(HEADERS)
+        raw.update({"CNI_COMMAND": cmd, "CNI_CONTAINERID": cid, "CNI_IFNAME": ifname,
+                    "CNI_NETNS": netns, "CNI_ARGS": args})
+        stdin = conf if isinstance(conf, bytes) else json.dumps(conf).encode()
+        rc, out = await self.svc.handle(raw, stdin)
+        return rc, (json.loads(out) if out else None)
+
+
+def net(version: str = "1.0.0", name: str = "testnet", **ipam: Any) -> dict[str, Any]:
+    return {"cniVersion": version, "name": name, "type": "bridge",
+            "ipam": {"type": "weave-ipam", **ipam}}
+
+
+@pytest.fixture
+def d() -> FakeDaemon:
+    return FakeDaemon()
+
+
+@pytest.fixture
+def run(d: FakeDaemon) -> Runner:
+    return Runner(d)
+
+
+async def test_add_is_idempotent_and_del_frees(d: FakeDaemon, run: Runner) -> None:
+    rc, res = await run("ADD", net(), args="K8S_POD_NAMESPACE=default;K8S_POD_NAME=p")
+    assert rc == 0
+    (ipc,) = res["ips"]
+    assert ipc["address"].startswith("198.18.0.") and ipc["address"].endswith("/24")
+    assert (await run("ADD", net()))[1]["ips"] == [ipc]
+    assert d.held() == {"cni:testnet:c1:eth0": [ipc["address"].split("/")[0]]}
+    assert list(d.alloc.allocations()["cni:testnet:c1:eth0"].values()) == ["default/p"]
+    assert await run("DEL", net(), netns="") == (0, None)
+    assert d.held() == {}
+    assert await run("DEL", net(), netns="") == (0, None)
+    assert await run("DEL", net(), cid="never-added") == (0, None)
+
+
+async def test_add_after_del_moves_on(run: Runner) -> None:
+    """Continue after the last address before reusing one (Weave's immediate reuse)."""
+    first = (await run("ADD", net()))[1]["ips"][0]["address"]
+    await run("DEL", net())
+    again = (await run("ADD", net(), cid="c2"))[1]["ips"][0]["address"]
+    assert again != first
+
+
+@pytest.mark.parametrize("version", ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
+async def test_versions(run: Runner, version: str) -> None:
+    rc, res = await run("ADD", net(version))
+    assert rc == 0 and res["cniVersion"] == version
+    assert ("version" in res["ips"][0]) == (version < "1.0.0")
+
+
+async def test_ipv6() -> None:
+    run = Runner(FakeDaemon("fd00:32::/108"))
+    rc, res = await run("ADD", net("0.3.1"))
+    assert rc == 0 and res["ips"][0]["version"] == "6"
+    assert res["ips"][0]["address"].startswith("fd00:32::") and \
+        res["ips"][0]["address"].endswith("/108")
+
+
+async def test_default_subnet_prefix() -> None:
+    run = Runner(FakeDaemon("198.18.0.0/16", default_subnet="198.18.4.0/24"))
+    res = (await run("ADD", net()))[1]
+    assert res["ips"][0]["address"].startswith("198.18.4.") and \
+        res["ips"][0]["address"].endswith("/24")
+    res = (await run("ADD", net(subnet="198.18.8.0/22"), cid="c2"))[1]
+    assert res["ips"][0]["address"].endswith("/22")
+    res = (await run("ADD", {**net(), "runtimeConfig": {"ips": ["198.18.9.9/24"]}},
+                     cid="c3"))[1]
+    assert res["ips"][0]["address"] == "198.18.9.9/16"  # outside the default: the range's
+
+
+async def test_gateway_is_never_a_pods(d: FakeDaemon, run: Runner) -> None:
+    rc, res = await run("ADD", net(gateway="198.18.0.1"))
+    assert rc == 0
+    assert res["ips"] == [{"address": "198.18.0.2/24", "gateway": "198.18.0.1"}]
+    assert d.held()["cni-gateway:testnet"] == ["198.18.0.1"]
+
+
+async def test_static_claims_all_or_nothing(d: FakeDaemon, run: Runner) -> None:
+    rc, res = await run("ADD", net(), args="IP=198.18.0.50")
+    assert rc == 0 and res["ips"] == [{"address": "198.18.0.50/24"}]
+    assert (await run("ADD", net(), args="IP=198.18.0.50"))[0] == 0  # repeated: fine
+    before = d.held()
+    rc, err = await run("ADD", {**net(), "runtimeConfig": {"ips": ["198.18.0.51",
+                                                                  "198.18.0.50"]}}, cid="c2")
+    assert rc == 1 and err["code"] == 101 and "198.18.0.50" in err["msg"]
+    assert d.held() == before  # .51 given back
+
+
+async def test_check(d: FakeDaemon, run: Runner) -> None:
+    res = (await run("ADD", net("0.4.0")))[1]
+    assert await run("CHECK", {**net("0.4.0"), "prevResult": res}) == (0, None)
+    wrong = {"ips": [{"version": "4", "address": "198.18.0.99/24"}]}
+    rc, err = await run("CHECK", {**net("0.4.0"), "prevResult": wrong})
+    assert rc == 1 and err["code"] == 100 and "198.18.0.99" in err["msg"]
+    rc, err = await run("CHECK", {**net("0.4.0"), "prevResult": {"ips": []}})
+    assert err["code"] == 100
+    rc, err = await run("CHECK", {**net("0.4.0"), "prevResult": res}, cid="other")
+    assert err["code"] == 3
+    assert (await run("CHECK", net("0.4.0")))[1]["code"] == 7
+    assert (await run("CHECK", {**net("0.3.1"), "prevResult": res}))[1]["code"] == 1
+    d.store_error = "disk gone"
+    rc, err = await run("CHECK", {**net("0.4.0"), "prevResult": res})
+    assert err["code"] == 11 and "disk gone" in err["msg"]
+
+
+async def test_daemon_not_serving_is_try_again(d: FakeDaemon, run: Runner) -> None:
+    await run("ADD", net())
+    d.stopping = True
+    for cmd in ("ADD", "DEL"):
+        rc, err = await run(cmd, net())
+        assert rc == 1 and err["code"] == 11, cmd
+    d.stopping = False
+    assert d.held()  # the failed DEL freed nothing
+
+
+async def test_add_waiting_for_consensus_is_try_again() -> None:
+    d = FakeDaemon(init="consensus=3")
+    rc, err = await Runner(d)("ADD", net())
+    assert rc == 1 and err["code"] == 11 and "consensus" in err["msg"]
+
+
+async def test_status() -> None:
+    d = FakeDaemon()
+    run = Runner(d)
+    assert d.alloc.state() == "idle"
+    assert await run("STATUS", net("1.1.0")) == (0, None)  # primes the ring
+    assert d.alloc.state() == "ready"
+    stuck = Runner(FakeDaemon(init="consensus=3"))
+    rc, err = await stuck("STATUS", net("1.1.0"))
+    assert rc == 1 and err["code"] == 50 and "consensus" in err["msg"]
+    small = FakeDaemon("198.18.0.0/30")
+    run = Runner(small)
+    await run("ADD", net(), cid="a")
+    await run("ADD", net(), cid="b")
+    rc, err = await run("STATUS", net("1.1.0"))
+    assert err["code"] == 50 and "no free address" in err["msg"]
+    # a subnet with room is still ready while the default one is full
+    big = Runner(FakeDaemon("198.18.0.0/24", default_subnet="198.18.0.0/30"))
+    await big("ADD", net(), cid="a")
+    await big("ADD", net(), cid="b")
+    assert (await big("STATUS", net("1.1.0")))[1]["code"] == 50
+    assert await big("STATUS", net("1.1.0", subnet="198.18.0.128/25")) == (0, None)
+    d.store_error = "disk gone"
+    assert (await Runner(d)("STATUS", net("1.1.0")))[1]["code"] == 50
+
+
+async def test_gc(d: FakeDaemon, run: Runner) -> None:
+    await run("ADD", net("1.1.0", "gcnet", gateway="198.18.0.1"), cid="d")
+    for cid in ("a", "b", "c"):
+        await run("ADD", net("1.1.0", "gcnet"), cid=cid)
+    await run("ADD", net("1.1.0", "gcnet"), cid="a", ifname="net1")
+    await run("ADD", net("1.1.0", "gcnet2"), cid="b")
+    keep = [{"containerID": "a", "ifname": "eth0"}, {"containerID": "zz", "ifname": "eth0"}]
+    assert await run("GC", {**net("1.1.0", "gcnet"), "cni.dev/valid-attachments": keep},
+                     cid=None, ifname=None, netns=None) == (0, None)
+    # the reserved gateway is not an attachment: GC leaves it
+    assert sorted(d.held()) == ["cni-gateway:gcnet", "cni:gcnet2:b:eth0", "cni:gcnet:a:eth0"]
+
+
+async def test_bad_input_changes_nothing(d: FakeDaemon, run: Runner) -> None:
+    await run("ADD", net())
+    before = d.held()
+    ncalls = len(d.calls)
+    cases: list[tuple[Any, ...]] = [
+        (None, net(), {}, 4), ("NOPE", net(), {}, 4), ("ADD", net(), {"cid": None}, 4),
+        ("ADD", net(), {"args": "broken"}, 4), ("ADD", b"{bad", {}, 6),
+        ("ADD", net("0.1.0"), {}, 1), ("ADD", net(subnet="10.0.0.0/24"), {}, 7),
+        ("ADD", net(ranges=[]), {}, 2), ("ADD", {**net(), "name": ""}, {}, 7),
+        ("ADD", net(), {"args": "IP=198.18.0.0"}, 7), ("GC", net("1.1.0"), {}, 7),
+        ("GC", net("1.0.0"), {}, 1), ("DEL", b"", {}, 6),
+    ]
+    for cmd, conf, kw, code in cases:
+        rc, err = await run(cmd, conf, **kw)
+        assert rc == 1 and err["code"] == code, (cmd, conf, kw, err)
+        assert set(err) <= {"cniVersion", "code", "msg", "details"} and err["msg"]
+    assert d.held() == before and len(d.calls) == ncalls  # never reached the allocator
+
+
+async def test_version_needs_nothing(run: Runner) -> None:
+    rc, out = await run("VERSION", b'{"cniVersion": "0.4.0"}', cid=None, ifname=None)
+    assert rc == 0 and out["cniVersion"] == "0.4.0" and "1.1.0" in out["supportedVersions"]
+
+
+async def test_internal_errors_are_errors(d: FakeDaemon, run: Runner) -> None:
+    async def boom(req: Request) -> Any:
+        raise RuntimeError("engine bug")
+    d.call = boom  # type: ignore[method-assign]
+    for cmd in ("ADD", "DEL"):
+        rc, err = await run(cmd, net())
+        assert rc == 1 and err["code"] == 102 and "engine bug" in err["msg"], cmd
+
+
+async def test_header_errors_are_reported(run: Runner) -> None:
+    from weaveipam.cni.config import CniError
+    rc, out = await run.svc.handle(CniError(4, "CNI_ARGS: bad"), b'{"cniVersion":"0.4.0"}')
+    assert rc == 1 and json.loads(out) == {"cniVersion": "0.4.0", "code": 4,
+                                           "msg": "CNI_ARGS: bad"}
