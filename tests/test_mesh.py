@@ -483,10 +483,10 @@ async def test_slow_consumer_does_not_block_others(
     assert any(why in r.getMessage() and "Slow" in r.getMessage() for r in caplog.records)
 
 
-async def test_password_is_refused() -> None:
+async def test_empty_password_is_refused() -> None:
     with pytest.raises(MeshError, match="password"):
         Mesh(name="A", nickname="a", uid=1, on_message=lambda s, p: None,
-             on_peer_up=lambda p: None, on_peer_down=lambda n: None, password=b"x")
+             on_peer_up=lambda p: None, on_peer_down=lambda n: None, password=b"")
 
 
 # ============================================================== pure parts

@@ -279,10 +279,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
                         stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.password or args.password_file:
-        _die("--password/--password-file is not supported yet: peer traffic is not "
-             "encrypted; keep the peer port on a private network and start without it",
-             EXIT_USAGE)
+    password = _read_password(args)
     try:
         universe = CIDR.parse(args.ipalloc_range)
         default_subnet = (CIDR.parse(args.ipalloc_default_subnet)
@@ -310,7 +307,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     cfg = Config(universe=universe, init=init, data_dir=data_dir, default_subnet=default_subnet,
                  peers=peers, host=args.host, port=args.port, conn_limit=args.conn_limit,
                  name=args.name or None, socket=Path(args.socket) if args.socket else None,
-                 http_addr=http_addr, status_addr=status_addr, op_timeout=args.op_timeout)
+                 http_addr=http_addr, status_addr=status_addr, op_timeout=args.op_timeout,
+                 password=password)
     if args.nickname:
         cfg.nickname = args.nickname
     daemon = Daemon(cfg)
@@ -329,6 +327,28 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     return EXIT_OK
+
+
+def _read_password(args: argparse.Namespace) -> bytes | None:
+    """--password-file, else --password (whose default is WEAVE_PASSWORD), else None.
+    Only ever returned, never printed: error messages name the source, not the value."""
+    if args.password_file:
+        if args.password and args.password != _env("WEAVE_PASSWORD"):
+            _die("give --password or --password-file, not both", EXIT_USAGE)
+        try:
+            data = Path(args.password_file).read_bytes()
+        except OSError as e:
+            _die(f"--password-file: cannot read {args.password_file}: {e.strerror}",
+                 EXIT_USAGE)
+        data = data.rstrip(b"\r\n")  # a trailing newline from echo/editors is not part of it
+        if not data:
+            _die(f"--password-file {args.password_file} is empty", EXIT_USAGE)
+        return data
+    if args.password is None:
+        return None
+    if not args.password:
+        _die("--password (or WEAVE_PASSWORD) is empty", EXIT_USAGE)
+    return str(args.password).encode()
 
 
 def _daemon_parser(sub: Any) -> None:
@@ -363,8 +383,12 @@ def _daemon_parser(sub: Any) -> None:
                    help="API over TCP, Weave's port; empty disables (default %(default)s)")
     p.add_argument("--status-addr", default=_env("WEAVEIPAM_STATUS_ADDR", "127.0.0.1:6782"),
                    help="status and metrics; empty disables (default %(default)s)")
-    p.add_argument("--password", default=_env("WEAVE_PASSWORD"), help="not supported yet")
-    p.add_argument("--password-file", default=None, help="not supported yet")
+    p.add_argument("--password", default=_env("WEAVE_PASSWORD"),
+                   help="shared secret: peers authenticate each other and encrypt all peer "
+                   "traffic; every daemon needs the same one (WEAVE_PASSWORD; prefer "
+                   "--password-file, command lines are visible to other users)")
+    p.add_argument("--password-file", default=None,
+                   help="read the password from this file (trailing newline ignored)")
     p.add_argument("--op-timeout", type=float, default=30.0,
                    help="seconds an allocation may wait for consensus or space")
     p.add_argument("--log-level", default=_env("WEAVEIPAM_LOG_LEVEL", "info"))

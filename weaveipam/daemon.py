@@ -29,6 +29,7 @@ from typing import Any
 
 from .core.addr import CIDR
 from .core.allocator import (
+    GOSSIP_FANOUT,
     Allocator,
     Event,
     InitMode,
@@ -86,6 +87,8 @@ class Config:
     heartbeat: float = 1.0
     dead_timeout: float = 5.0
     max_frame: int = 8 << 20
+    # --password: peers authenticate and encrypt; kept out of repr (never logged)
+    password: bytes | None = field(default=None, repr=False)
 
     @property
     def store_path(self) -> Path:
@@ -152,6 +155,7 @@ class Daemon:
         self.wipe_on_exit = False
         self.conn_terminations = 0
         self._rids = itertools.count(1)
+        self._rng = random.Random()
         self._waiters: dict[int, asyncio.Future[Reply]] = {}
         # (deadline, rid) in deadline order: all requests share one timeout
         self._deadlines: collections.deque[tuple[float, int]] = collections.deque()
@@ -261,7 +265,7 @@ class Daemon:
                              on_peer_down=self._on_peer_down,
                              on_duplicate_name=self._on_duplicate_name,
                              heartbeat=cfg.heartbeat, dead_timeout=cfg.dead_timeout,
-                             max_frame=cfg.max_frame)
+                             max_frame=cfg.max_frame, password=cfg.password)
             await self.mesh.start()
         except MeshError as e:
             self.mesh = None
@@ -275,8 +279,10 @@ class Daemon:
         self._tasks.append(asyncio.create_task(self._ticker(), name="weaveipam-tick"))
 
         log.info("weaveipam %s(%s) started: range %s, init %s, peer port %d, %d peer(s) "
-                 "given, API on %s%s, status on %s, state %s", self.name, cfg.nickname,
+                 "given, peer encryption %s, API on %s%s, status on %s, state %s",
+                 self.name, cfg.nickname,
                  cfg.universe, _init_text(cfg.init), self.mesh.listen_port, len(cfg.peers),
+                 "enabled" if self.mesh.encrypted else "disabled",
                  self._socket_path, _addr_text(cfg.http_addr, " and "),
                  _addr_text(cfg.status_addr) or "(disabled)", self.alloc.state())
 
@@ -477,12 +483,22 @@ class Daemon:
             elif not broken and self.mesh is not None:
                 try:
                     if o.dest is None:
-                        self.mesh.broadcast(o.msg)
+                        self._gossip(o.msg)
                     else:
                         self.mesh.send(o.dest, o.msg)
                 except MeshError as e:
                     log.warning("could not send %s to %s: %s", o.msg.get("t"),
                                 o.dest or "neighbours", e)
+
+    def _gossip(self, msg: dict[str, Any]) -> None:
+        """Push gossip: at most GOSSIP_FANOUT random direct neighbours (as the simulator)."""
+        assert self.mesh is not None
+        nbrs = [c.name for c in self.mesh.connections() if c.state == "established" and c.name]
+        if len(nbrs) <= GOSSIP_FANOUT:
+            self.mesh.broadcast(msg)
+            return
+        for name in self._rng.sample(nbrs, GOSSIP_FANOUT):
+            self.mesh.send(name, msg)
 
     def _store_failed(self, err: BaseException, outs: list[Reply | Send]) -> None:
         """Memory is now ahead of disk: acknowledge nothing more until a restart reloads."""

@@ -63,9 +63,14 @@ class _IpamCollector(Collector):
         conns = GaugeMetricFamily("weave_connections", "Number of peer connections.",
                                   labels=["state", "type", "encryption"])
         d.poll_connections()  # a connection seen by a scrape is counted when it ends
-        counts = Counter(c.state for c in d.connections())
+        counts = Counter((c.state, c.encrypted) for c in d.connections())
+        # Weave's labels: without a password every connection is "no"; with one, a
+        # connection is "yes" once its encrypted session is up (before that it is "no")
+        encrypting = d.cfg.password is not None
         for state in ("established", "connecting", "failed", "pending"):
-            conns.add_metric([state, "tcp", "no"], counts.get(state, 0))
+            conns.add_metric([state, "tcp", "no"], counts.get((state, False), 0))
+            if encrypting:
+                conns.add_metric([state, "tcp", "yes"], counts.get((state, True), 0))
         yield conns
         term = CounterMetricFamily("weave_connection_terminations",
                                    "Number of peer connections terminated.")

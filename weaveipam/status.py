@@ -117,7 +117,7 @@ def status_text(d: Daemon) -> str:
     rows = [
         ("Version", f"weaveipam {__version__}"),
         ("Name", f"{a.name}({d.cfg.nickname})"),
-        ("Encryption", "disabled"),
+        ("Encryption", "enabled" if d.cfg.password is not None else "disabled"),
         ("Peers", f"{len(a.reachable()) + 1} (with {est} established connections)"),
         ("Connections", f"{len(conns)} (established {est})"),
         ("", ""),
@@ -130,6 +130,14 @@ def status_text(d: Daemon) -> str:
     hint = advice(d)
     if hint and hint != weave_state(d):
         out.append(f"{'':>15}  {hint}")
+    if conns:  # like `weave status connections`
+        out.append("")
+        for c in conns:
+            who = f"{c.name}({c.nickname})" if c.name else ""
+            crypt = "encrypted" if c.encrypted else "unencrypted"
+            info = f" {c.info}" if c.info else ""
+            out.append(f"{'->' if c.outbound else '<-'} {c.address:<22} {c.state:<11} "
+                       f"{crypt:<11} {who}{info}".rstrip())
     return "\n".join(out) + "\n"
 
 
@@ -175,7 +183,8 @@ def report(d: Daemon) -> dict[str, Any]:
         "peers": [{"name": n, "nickname": v.nickname, "reachable": v.reachable}
                   for n, v in sorted(a.peers.items())],
         "connections": [{"name": c.name, "nickname": c.nickname, "address": c.address,
-                         "state": c.state, "outbound": c.outbound, "info": c.info}
+                         "state": c.state, "outbound": c.outbound,
+                         "encrypted": c.encrypted, "info": c.info}
                         for c in d.connections()],
     }
     px = a.paxos_view()

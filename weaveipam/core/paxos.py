@@ -64,6 +64,7 @@ class Paxos:
         self.claims: dict[str, Claims] = {name: Claims()}
         self.proposal_value: tuple[str, ...] = ()
         self.dirty: set[str] = {name}
+        self._active = False
 
     @property
     def ours(self) -> Claims:
@@ -139,7 +140,9 @@ class Paxos:
     def active(self) -> bool:
         """Has anyone proposed yet? Before that, our claims are empty and not worth sending
         (a joiner telling every peer so made each answer with its whole ring: O(N^2))."""
-        return any(c.promise != NONE for c in self.claims.values())
+        if not self._active:  # once true it stays true: promises only grow
+            self._active = any(c.promise != NONE for c in self.claims.values())
+        return self._active
 
     def known(self) -> int:
         return len(self.claims)

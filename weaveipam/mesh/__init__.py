@@ -7,7 +7,13 @@ directly connected) or to ``broadcast`` to direct neighbours, and receives them 
 
 Modules: ``frames`` (wire format, schema checks), ``handshake`` (peer acceptance rules),
 ``connection`` (one socket: reader/writer tasks, heartbeats, bounded send queue),
-``topology`` (gossiped peer graph, routes), ``mesh`` (the ``Mesh`` itself).
+``topology`` (gossiped peer graph, routes), ``crypto`` (``password=``: X25519 key
+exchange authenticated by the shared secret, then every frame sealed with SecretBox and
+a per-direction counter nonce), ``mesh`` (the ``Mesh`` itself).
+
+With a password, peers without it (or with another one) are refused and both sides log
+why; without one, encrypting peers are refused.  At most ``max_per_ip`` inbound
+connections per remote address may be in the handshake at once.
 """
 
 from .frames import PROTOCOL_VERSION, FrameError, MeshError

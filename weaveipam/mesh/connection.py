@@ -15,16 +15,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from . import crypto
 from .frames import (
     DEFAULT_MAX_OBJECTS,
     HEARTBEAT_BYTES,
+    Auth,
     ErrorFrame,
     Frame,
     FrameError,
     Hello,
+    KeyExchange,
     VersionError,
     encode,
 )
@@ -46,6 +49,8 @@ class ConnConfig:
     queue_bytes: int
     max_objects: int = DEFAULT_MAX_OBJECTS
     close_timeout: float = 0.5  # how long a closing socket may take to flush
+    # derived from --password (crypto.derive_secret): None means plaintext peers only
+    secret: bytes | None = field(default=None, repr=False)
 
 
 class ConnHandler(Protocol):
@@ -93,11 +98,19 @@ class Connection:
         self._closing = asyncio.Event()
         self._farewell: str | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._keys = crypto.KeyPair() if config.secret is not None else None
+        self._sealer: crypto.Sealer | None = None
+        self._opener: crypto.Opener | None = None
 
     def __repr__(self) -> str:
         who = self.peer.name if self.peer else "?"
         arrow = "->" if self.outbound else "<-"
         return f"<Connection {arrow} {who} {self.address} {self.state}>"
+
+    @property
+    def encrypted(self) -> bool:
+        """True once the encrypted session is set up (every later frame is sealed)."""
+        return self._opener is not None
 
     @property
     def closing(self) -> bool:
@@ -116,6 +129,8 @@ class Connection:
             asyncio.create_task(self._read_loop(), name=f"mesh-read {self.address}"),
         ]
         self.send_frame(encode(self.ours))
+        if self._keys is not None:  # pipelined: saves a round trip
+            self.send_frame(encode(KeyExchange(self._keys.public)))
         try:
             await self._closing.wait()
         finally:
@@ -142,7 +157,8 @@ class Connection:
         writer = self._writer
         try:
             if self._farewell is not None and not writer.is_closing():
-                writer.write(encode(ErrorFrame(self._farewell)))
+                farewell = encode(ErrorFrame(self._farewell))
+                writer.write(self._sealer.seal(farewell) if self._sealer else farewell)
             writer.close()
             async with asyncio.timeout(self._cfg.close_timeout):
                 await writer.wait_closed()
@@ -161,12 +177,15 @@ class Connection:
         """
         if self._closing.is_set():
             return False
+        size = len(data) + (crypto.SEAL_OVERHEAD if self._sealer is not None else 0)
         if (len(self._queue) >= self._cfg.queue_frames
-                or self._queued_bytes + len(data) > self._cfg.queue_bytes):
+                or self._queued_bytes + size > self._cfg.queue_bytes):
             self.close(f"send queue overflow ({len(self._queue)} frames, "
                        f"{self._queued_bytes} bytes queued): peer too slow",
                        level=logging.WARNING)
             return False
+        if self._sealer is not None:
+            data = self._sealer.seal(data)  # at enqueue: queue order is counter order
         self._queue.append(data)
         self._queued_bytes += len(data)
         self._wakeup.set()
@@ -183,7 +202,8 @@ class Connection:
                             await self._wakeup.wait()
                     except TimeoutError:
                         if self.state == "established":
-                            self._queue.append(HEARTBEAT_BYTES)
+                            self._queue.append(self._sealer.seal(HEARTBEAT_BYTES)
+                                               if self._sealer else HEARTBEAT_BYTES)
                         continue
                 batch = b"".join(self._queue)
                 self._queue.clear()
@@ -217,17 +237,26 @@ class Connection:
     async def _read_loop(self) -> None:
         cfg = self._cfg
         try:
-            hello = await receive_hello(self._reader, cfg.max_frame, cfg.handshake_timeout,
-                                        cfg.max_objects)
-            self.peer = hello
+            # hello, key exchange and authentication together within handshake_timeout
+            async with asyncio.timeout(cfg.handshake_timeout):
+                hello = await receive_hello(self._reader, cfg.max_frame,
+                                            cfg.handshake_timeout, cfg.max_objects)
+                self.peer = hello
+                if not self._encryption_agrees(hello):
+                    return
+                if self._keys is not None:
+                    if not await self._authenticate(hello, self._keys):
+                        return
             self._handler.on_hello(self, hello)
             if self.state != "established":
                 self.close("handshake refused")  # no-op if on_hello already closed us
                 return
             self.was_established = True
+            unseal = self._opener.open if self._opener is not None else None
+            overhead = crypto.SEAL_OVERHEAD if unseal is not None else 0
             while not self._closing.is_set():
                 frame = await _read_frame(self._reader, cfg.max_frame, cfg.dead_timeout,
-                                          cfg.max_objects)
+                                          cfg.max_objects, unseal, overhead)
                 await self._handler.on_frame(self, frame)
         except PeerRefused as exc:
             self.close(str(exc), level=logging.WARNING)
@@ -249,3 +278,61 @@ class Connection:
         except Exception:  # a bug in our own handling: drop this peer, keep the mesh
             log.exception("unexpected error handling %s", self._describe())
             self.close("internal error", level=logging.ERROR)
+
+    # ------------------------------------------------------------------ encryption
+
+    def _encryption_agrees(self, hello: Hello) -> bool:
+        """Both ends must have a password, or neither; refuse (both sides log) if not."""
+        if self._cfg.secret is not None and not hello.encrypt:
+            self.close(f"peer {hello.name}({hello.nickname}) sent no encryption handshake: "
+                       "it has no --password; give every daemon the same password",
+                       level=logging.WARNING,
+                       farewell="this peer requires encryption: start with --password")
+            return False
+        if self._cfg.secret is None and hello.encrypt:
+            self.close(f"peer {hello.name}({hello.nickname}) requires encryption: start "
+                       "this daemon with --password", level=logging.WARNING,
+                       farewell="this peer has no --password: refusing encryption")
+            return False
+        return True
+
+    async def _authenticate(self, hello: Hello, keys: crypto.KeyPair) -> bool:
+        """X25519 exchange, mutual proof of the shared secret, session keys.  The caller
+        bounds this by the handshake timeout."""
+        secret = self._cfg.secret
+        assert secret is not None
+        kx = await self._handshake_frame(KeyExchange)
+        assert isinstance(kx, KeyExchange)
+        shared = keys.shared(kx.pub)
+        if self.outbound:
+            th = crypto.transcript(encode(self.ours), encode(hello), keys.public, kx.pub)
+            mine, theirs = crypto.DIALLER, crypto.LISTENER
+        else:
+            th = crypto.transcript(encode(hello), encode(self.ours), kx.pub, keys.public)
+            mine, theirs = crypto.LISTENER, crypto.DIALLER
+        self.send_frame(encode(Auth(crypto.auth_tag(secret, th, mine))))
+        auth = await self._handshake_frame(Auth)
+        assert isinstance(auth, Auth)
+        if not crypto.check_tag(secret, th, theirs, auth.mac):
+            self.close(f"peer {hello.name}({hello.nickname}) failed authentication: its "
+                       "--password differs from ours", level=logging.WARNING,
+                       farewell="authentication failed: every daemon needs the same "
+                       "--password")
+            return False
+        d2l, l2d = crypto.session_keys(secret, shared, th)
+        out_key, in_key = (d2l, l2d) if self.outbound else (l2d, d2l)
+        self._sealer = crypto.Sealer(out_key)
+        self._opener = crypto.Opener(in_key)
+        return True
+
+    async def _handshake_frame(self, kind: type[KeyExchange] | type[Auth]
+                               ) -> KeyExchange | Auth:
+        cfg = self._cfg
+        frame = await _read_frame(self._reader, cfg.max_frame, cfg.handshake_timeout,
+                                  cfg.max_objects)
+        if isinstance(frame, ErrorFrame):
+            raise PeerRefused(f"refused by peer: {frame.reason!r}")
+        if not isinstance(frame, kind):
+            raise FrameError(f"expected {kind.__name__} in the encryption handshake, got "
+                             f"{type(frame).__name__}")
+        return frame

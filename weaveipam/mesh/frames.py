@@ -64,6 +64,21 @@ class Hello:
     port: int
     session: int
     nonce: int
+    encrypt: bool = False  # sent as "enc": true only by a peer with a --password
+
+
+@dataclass(frozen=True)
+class KeyExchange:
+    """Encrypting peers only, right after the hello: an ephemeral X25519 public key."""
+
+    pub: bytes
+
+
+@dataclass(frozen=True)
+class Auth:
+    """Encrypting peers only: MAC proving knowledge of the shared secret."""
+
+    mac: bytes
 
 
 @dataclass(frozen=True)
@@ -113,7 +128,7 @@ class Message:
     body: bytes
 
 
-Frame = Hello | Heartbeat | ErrorFrame | TopologyFrame | Message
+Frame = Hello | Heartbeat | ErrorFrame | TopologyFrame | Message | KeyExchange | Auth
 
 
 # --------------------------------------------------------------------------- checks
@@ -208,6 +223,20 @@ _HELLO_KEYS: dict[str, Check] = {
     "t": lambda o, w: o, "v": lambda o, w: o, "name": _name, "nick": _text, "uid": _u64,
     "port": _port, "session": _u64, "nonce": _u64,
 }
+_HELLO_ENC_KEYS: dict[str, Check] = {**_HELLO_KEYS, "enc": lambda o, w: _true(o, w)}
+KEY_BYTES = 32
+
+
+def _true(obj: Any, where: str) -> bool:
+    if obj is not True:
+        raise _fail(where, "expected true")
+    return True
+
+
+def _key_bytes(obj: Any, where: str) -> bytes:
+    if not isinstance(obj, bytes) or len(obj) != KEY_BYTES:
+        raise _fail(where, f"expected {KEY_BYTES} bytes")
+    return obj
 
 
 def _parse(obj: Any) -> Frame:
@@ -235,9 +264,15 @@ def _parse(obj: Any) -> Frame:
         if version != PROTOCOL_VERSION:
             raise VersionError(f"incompatible protocol version {version} "
                                f"(we speak {PROTOCOL_VERSION})")
-        rec = _record(obj, "hello", _HELLO_KEYS)
+        rec = _record(obj, "hello", _HELLO_ENC_KEYS if "enc" in obj else _HELLO_KEYS)
         return Hello(version, rec["name"], rec["nick"], rec["uid"], rec["port"],
-                     rec["session"], rec["nonce"])
+                     rec["session"], rec["nonce"], "enc" in rec)
+    if kind == "kx":
+        rec = _record(obj, "kx", {"t": lambda o, w: o, "pub": _key_bytes})
+        return KeyExchange(rec["pub"])
+    if kind == "auth":
+        rec = _record(obj, "auth", {"t": lambda o, w: o, "mac": _key_bytes})
+        return Auth(rec["mac"])
     if kind == "err":
         rec = _record(obj, "err", {"t": lambda o, w: o, "reason": _reason})
         return ErrorFrame(rec["reason"])
@@ -386,9 +421,17 @@ def _wire(frame: Frame) -> dict[str, Any]:
              "nbrs": [[n.name, n.host, n.port] for n in e.neighbours]}
             for e in frame.entries]}
     if isinstance(frame, Hello):
-        return {"t": "hello", "v": frame.version, "name": frame.name,
-                "nick": frame.nickname, "uid": frame.uid, "port": frame.port,
-                "session": frame.session, "nonce": frame.nonce}
+        hello: dict[str, Any] = {
+            "t": "hello", "v": frame.version, "name": frame.name, "nick": frame.nickname,
+            "uid": frame.uid, "port": frame.port, "session": frame.session,
+            "nonce": frame.nonce}
+        if frame.encrypt:
+            hello["enc"] = True
+        return hello
+    if isinstance(frame, KeyExchange):
+        return {"t": "kx", "pub": frame.pub}
+    if isinstance(frame, Auth):
+        return {"t": "auth", "mac": frame.mac}
     return {"t": "err", "reason": frame.reason[:MAX_REASON_LEN]}
 
 
@@ -402,10 +445,14 @@ HEARTBEAT_BYTES = encode(Heartbeat())
 
 
 async def read_frame(reader: asyncio.StreamReader, max_frame: int, idle_timeout: float,
-                     max_objects: int = DEFAULT_MAX_OBJECTS) -> Frame:
-    """Read one frame.  The length is checked against ``max_frame`` before any body byte
-    is read, and every chunk must arrive within ``idle_timeout`` (so a trickling peer
-    cannot hold a read open forever).
+                     max_objects: int = DEFAULT_MAX_OBJECTS,
+                     unseal: Callable[[bytes], bytes] | None = None, overhead: int = 0
+                     ) -> Frame:
+    """Read one frame.  The length is checked against ``max_frame`` (+ ``overhead``, the
+    sealing overhead on an encrypted connection) before any body byte is read, and every
+    chunk must arrive within ``idle_timeout`` (so a trickling peer cannot hold a read
+    open forever).  ``unseal`` (encrypted connections) turns the read bytes into the
+    plaintext body, raising FrameError for a forged, tampered or replayed frame.
 
     Raises FrameError for protocol violations, TimeoutError when the peer goes quiet,
     asyncio.IncompleteReadError on EOF at a frame boundary.
@@ -415,8 +462,9 @@ async def read_frame(reader: asyncio.StreamReader, max_frame: int, idle_timeout:
     length = int.from_bytes(header, "big")
     if length == 0:
         raise FrameError("zero-length frame")
-    if length > max_frame:
-        raise FrameError(f"frame length {length} exceeds max_frame {max_frame}")
+    if length > max_frame + overhead:
+        raise FrameError(f"frame length {length} exceeds max_frame {max_frame}"
+                         + (f" + {overhead}" if overhead else ""))
     body = bytearray()
     while len(body) < length:
         async with asyncio.timeout(idle_timeout):
@@ -425,6 +473,10 @@ async def read_frame(reader: asyncio.StreamReader, max_frame: int, idle_timeout:
             raise FrameError(f"connection closed mid-frame ({len(body)}/{length} bytes)")
         body += chunk
     data = bytes(body)
+    if unseal is not None:
+        data = unseal(data)
+        if not data:
+            raise FrameError("zero-length frame")
     await scan_async(data, max_objects)
     return _parse(_unpack(data))
 

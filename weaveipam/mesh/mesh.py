@@ -18,6 +18,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from . import crypto
 from .connection import ConnConfig, Connection
 from .frames import (
     DEFAULT_MAX_OBJECTS,
@@ -30,6 +31,7 @@ from .frames import (
     FrameError,
     Heartbeat,
     Hello,
+    KeyExchange,
     MeshError,
     Message,
     Neighbour,
@@ -141,9 +143,12 @@ class Mesh:
         send_queue: int = 1024,
         send_queue_bytes: int | None = None,
         password: bytes | None = None,
+        max_per_ip: int = 8,
     ) -> None:
-        if password is not None:
-            raise MeshError("--password is not supported yet")
+        # Only the derived secret is kept (inside ConnConfig, out of its repr).
+        secret = crypto.derive_secret(password) if password is not None else None
+        if max_per_ip < 1:
+            raise MeshError("max_per_ip must be at least 1")
         if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_LEN \
                 or not name.isprintable():
             raise MeshError(f"bad peer name {name!r}")
@@ -174,10 +179,11 @@ class Mesh:
         self._forget_after = forget_after
         self._handshake_timeout = handshake_timeout
         self._max_frame = max_frame
+        self._max_per_ip = max_per_ip
         self._cfg = ConnConfig(
             max_frame=max_frame, heartbeat=heartbeat, dead_timeout=dead_timeout,
             handshake_timeout=handshake_timeout, queue_frames=send_queue,
-            max_objects=max_objects,
+            max_objects=max_objects, secret=secret,
             queue_bytes=send_queue_bytes if send_queue_bytes is not None else 4 * max_frame,
         )
         self._session = secrets.randbits(64)
@@ -213,6 +219,11 @@ class Mesh:
     @property
     def uid(self) -> int:
         return self._uid
+
+    @property
+    def encrypted(self) -> bool:
+        """Whether this mesh was given a password (all its peer traffic is encrypted)."""
+        return self._cfg.secret is not None
 
     @property
     def listen_port(self) -> int:
@@ -324,7 +335,7 @@ class Mesh:
                 name=conn.peer.name if conn.peer else "",
                 nickname=conn.peer.nickname if conn.peer else "",
                 address=conn.address, state=conn.state, outbound=conn.outbound,
-                encrypted=False, info=""))
+                encrypted=conn.encrypted, info=""))
         for t in self._targets.values():
             state: ConnState
             if t.conn is not None or t.to_self or (t.peer_name is not None
@@ -370,7 +381,8 @@ class Mesh:
     def _new_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
                   outbound: bool, address: str, remote_host: str) -> Connection:
         ours = Hello(PROTOCOL_VERSION, self._name, self._nickname, self._uid,
-                     self._listen_port or 0, self._session, secrets.randbits(64))
+                     self._listen_port or 0, self._session, secrets.randbits(64),
+                     encrypt=self._cfg.secret is not None)
         conn = Connection(reader, writer, outbound=outbound, address=address,
                           remote_host=remote_host, ours=ours, config=self._cfg,
                           handler=self._events)
@@ -390,7 +402,18 @@ class Mesh:
                 f"{host}:{peer[1] if peer else 0}"
             conn = self._new_conn(reader, writer, outbound=False, address=address,
                                   remote_host=host)
-            if len(self._conns) - 1 + self._dialling() >= self._conn_limit:
+            # Half-done handshakes are what a flood from one address costs us (a task and
+            # a socket each until handshake_timeout); established peers are bounded by
+            # one per name and conn_limit, and with a password they are authenticated.
+            # Counting only those keeps several daemons on one host (tests) working.
+            same_ip = sum(1 for c in self._conns if not c.outbound and c.remote_host == host
+                          and c.state == "pending" and not c.closing)
+            if same_ip > self._max_per_ip:
+                conn.close(f"too many connections from {host} (limit {self._max_per_ip} "
+                           "per address in the handshake): refusing this one",
+                           level=logging.WARNING,
+                           farewell="too many connections from your address")
+            elif len(self._conns) - 1 + self._dialling() >= self._conn_limit:
                 conn.close("connection limit reached", farewell="connection limit reached")
             try:
                 await conn.run()
@@ -459,9 +482,13 @@ class Mesh:
             pass  # receiving anything already reset the read timeout
         elif isinstance(frame, ErrorFrame):
             conn.close(f"peer reported error: {frame.reason!r}", level=logging.WARNING)
-        else:
+        elif isinstance(frame, Hello):
             conn.close("protocol error: unexpected second hello", level=logging.WARNING,
                        farewell="unexpected second hello")
+        else:  # kx/auth belong to the handshake only
+            what = "key exchange" if isinstance(frame, KeyExchange) else "auth"
+            conn.close(f"protocol error: unexpected {what} frame after the handshake",
+                       level=logging.WARNING, farewell=f"unexpected {what} frame")
 
     # ================================================================== messages
 

@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any
 
-from ..core.allocator import Allocate
+from ..core.allocator import GOSSIP_FANOUT, Allocate
 from .cluster import Faults, SimNode, Simulator, Violation
 
 CONVERGE_BOUND = 120.0  # simulated seconds after the last fault heals
@@ -21,7 +21,8 @@ CONVERGE_BOUND = 120.0  # simulated seconds after the last fault heals
 
 def run(nodes: int, seed: int, steps: int, faults: bool, *, consensus: int | None = None,
         degree: int = 30, universe: str = "10.32.0.0/12", traffic: float = 5.0,
-        join: int = 0, fanout: int = 0, rmpeer_rate: float | None = None) -> dict[str, Any]:
+        join: int = 0, fanout: int = GOSSIP_FANOUT,
+        rmpeer_rate: float | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     f = Faults()
     if faults:

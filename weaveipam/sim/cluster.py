@@ -16,6 +16,7 @@ from sortedcontainers import SortedDict
 
 from ..core.addr import CIDR, Range
 from ..core.allocator import (
+    GOSSIP_FANOUT,
     Allocate,
     Allocator,
     Claim,
@@ -70,7 +71,7 @@ def peer_name(i: int) -> str:
 class Simulator:
     def __init__(self, *, nodes: int, seed: int, universe: str = "10.32.0.0/12",
                  consensus: int | None = None, degree: int = 30, faults: Faults | None = None,
-                 traffic: float = 5.0, tick: float = 0.1, fanout: int = 0,
+                 traffic: float = 5.0, tick: float = 0.1, fanout: int = GOSSIP_FANOUT,
                  wire: bool = True, join_all: bool = True) -> None:
         self.rng = random.Random(seed)
         self.seed = seed

@@ -1,0 +1,139 @@
+"""Peer authentication and encryption (``--password``), on PyNaCl.
+
+After the plaintext hellos, each side of an encrypting connection sends an ephemeral
+X25519 public key (``kx`` frame, generated per connection) and then proves it knows the
+shared secret with a keyed BLAKE2b MAC over the transcript (both hellos, both public
+keys) and its role (``auth`` frame).  The shared secret is a 32-byte key derived from the
+password with keyed BLAKE2b and a fixed application key; the password itself is never
+kept.  Two directional session keys come from the X25519 result, the secret and the
+transcript, so each connection has fresh keys (forward secrecy) and a captured frame
+is useless on any other connection.
+
+Every frame after that is ``4-byte length`` + ``8-byte counter`` + ``SecretBox`` output
+(XSalsa20-Poly1305): the nonce is the per-direction counter, which starts at 0 and must
+go up by exactly one each frame, so a replayed, dropped or reordered frame is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+import nacl.exceptions
+import nacl.public
+import nacl.secret
+
+from .frames import HEADER_LEN, FrameError, MeshError
+
+KEY_LEN = 32
+COUNTER_LEN = 8
+SEAL_OVERHEAD = COUNTER_LEN + nacl.secret.SecretBox.MACBYTES  # per frame, on top of the body
+_NONCE_PAD = bytes(nacl.secret.SecretBox.NONCE_SIZE - COUNTER_LEN)
+_MAX_COUNTER = (1 << 64) - 1
+_APP_KEY = b"weaveipam mesh password v1"  # fixed "salt": the same password, the same secret
+DIALLER = b"dialler"
+LISTENER = b"listener"
+
+
+class ReplayError(FrameError):
+    """A sealed frame whose counter is not the next one expected."""
+
+
+def derive_secret(password: bytes) -> bytes:
+    """The 32-byte shared secret for ``password`` (keyed BLAKE2b, fixed app key)."""
+    if not isinstance(password, bytes) or not password:
+        raise MeshError("the password must be a non-empty byte string")
+    return hashlib.blake2b(password, digest_size=KEY_LEN, key=_APP_KEY,
+                           person=b"wipam-password").digest()
+
+
+def _blake(data: bytes, key: bytes, person: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=KEY_LEN, key=key, person=person).digest()
+
+
+def transcript(dialler_hello: bytes, listener_hello: bytes, dialler_pub: bytes,
+               listener_pub: bytes) -> bytes:
+    """Hash of everything both sides said before authenticating (length-delimited)."""
+    h = hashlib.blake2b(digest_size=KEY_LEN, person=b"wipam-transcript")
+    for part in (dialler_hello, listener_hello, dialler_pub, listener_pub):
+        h.update(len(part).to_bytes(4, "big"))
+        h.update(part)
+    return h.digest()
+
+
+def auth_tag(secret: bytes, transcript_hash: bytes, role: bytes) -> bytes:
+    """Proof that the sender of ``role`` knows ``secret``, bound to this transcript."""
+    return _blake(transcript_hash + role, secret, b"wipam-auth")
+
+
+def check_tag(secret: bytes, transcript_hash: bytes, role: bytes, tag: bytes) -> bool:
+    return hmac.compare_digest(auth_tag(secret, transcript_hash, role), tag)
+
+
+def session_keys(secret: bytes, shared: bytes, transcript_hash: bytes) -> tuple[bytes, bytes]:
+    """(dialler-to-listener key, listener-to-dialler key)."""
+    base = shared + transcript_hash
+    return (_blake(base + DIALLER, secret, b"wipam-session"),
+            _blake(base + LISTENER, secret, b"wipam-session"))
+
+
+class KeyPair:
+    """An ephemeral X25519 key pair, one per connection."""
+
+    def __init__(self) -> None:
+        self._private = nacl.public.PrivateKey.generate()
+        self.public = bytes(self._private.public_key)
+
+    def shared(self, peer_public: bytes) -> bytes:
+        """The X25519 (+HSalsa20) shared key; FrameError for an unusable public key."""
+        try:
+            box = nacl.public.Box(self._private, nacl.public.PublicKey(peer_public))
+            return bytes(box.shared_key())
+        except (nacl.exceptions.CryptoError, nacl.exceptions.TypeError,
+                nacl.exceptions.ValueError) as exc:
+            raise FrameError(f"kx.pub: unusable public key ({exc})") from None
+
+
+def _nonce(counter: int) -> bytes:
+    return _NONCE_PAD + counter.to_bytes(COUNTER_LEN, "big")
+
+
+class Sealer:
+    """Seals outgoing frames with a strictly increasing counter nonce."""
+
+    def __init__(self, key: bytes) -> None:
+        self._box = nacl.secret.SecretBox(key)
+        self._counter = 0
+
+    def seal(self, frame: bytes) -> bytes:
+        """``frame`` is an encoded plaintext frame (length prefix + body)."""
+        counter = self._counter
+        if counter > _MAX_COUNTER:
+            raise MeshError("nonce counter exhausted")
+        self._counter = counter + 1
+        nonce = _nonce(counter)
+        sealed = nonce[-COUNTER_LEN:] + self._box.encrypt(frame[HEADER_LEN:], nonce).ciphertext
+        return len(sealed).to_bytes(HEADER_LEN, "big") + sealed
+
+
+class Opener:
+    """Opens incoming sealed frame bodies; refuses any counter but the next one."""
+
+    def __init__(self, key: bytes) -> None:
+        self._box = nacl.secret.SecretBox(key)
+        self._expected = 0
+
+    def open(self, data: bytes) -> bytes:
+        if len(data) <= SEAL_OVERHEAD:
+            raise FrameError(f"sealed frame of {len(data)} bytes is too short")
+        counter = int.from_bytes(data[:COUNTER_LEN], "big")
+        if counter != self._expected:
+            raise ReplayError(f"replayed or reordered frame: counter {counter}, "
+                              f"expected {self._expected}")
+        try:
+            body = self._box.decrypt(data[COUNTER_LEN:], _nonce(counter))
+        except nacl.exceptions.CryptoError:
+            raise FrameError("frame failed decryption: tampered, corrupted or wrong key"
+                             ) from None
+        self._expected = counter + 1
+        return body
