@@ -24,6 +24,8 @@ from typing import Any
 
 import pytest
 
+from weaveipam.cli import UnixHTTPConnection
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -42,18 +44,6 @@ def free_ports(n: int) -> list[int]:
 
 def mac(i: int) -> str:
     return "02:00:00:00:" + f"{(i >> 8) & 0xff:02x}:{i & 0xff:02x}"
-
-
-class _Unix(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        s.connect(self._path)
-        self.sock = s
 
 
 class Node:
@@ -179,7 +169,7 @@ class Node:
         headers = {"Accept": "application/json"} if json_ else {}
         conn: http.client.HTTPConnection
         if unix:
-            conn = _Unix(str(self.socket), timeout)
+            conn = UnixHTTPConnection(str(self.socket), timeout)
         else:
             conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=timeout)
         return self._do(conn, method, path, body, headers)

@@ -35,7 +35,9 @@ def _die(msg: str, code: int = EXIT_REFUSED) -> NoReturn:
 
 # ---- client ------------------------------------------------------------------------------
 
-class _UnixConnection(http.client.HTTPConnection):
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over the daemon's unix socket (the CLI's and the tests' client)."""
+
     def __init__(self, path: str, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
         self._path = path
@@ -68,7 +70,7 @@ class Client:
             return http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port or 6784,
                                               timeout=self.timeout)
         assert self.socket_path is not None
-        return _UnixConnection(self.socket_path, self.timeout)
+        return UnixHTTPConnection(self.socket_path, self.timeout)
 
     def reachable(self) -> bool:
         try:
