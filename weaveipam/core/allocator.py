@@ -29,6 +29,7 @@ from .records import (
     Snapshot,
 )
 from .ring import Ring, RingError, valid_name
+from .space import Space
 
 # Timings, in seconds of the clock the shell passes in.
 OP_TIMEOUT = 30.0         # pending allocate/claim/rmpeer give up with a clear error
@@ -186,7 +187,7 @@ class Allocator:
         self.now = now
         self.op_timeout = op_timeout
         self.ring = Ring(universe)
-        self._space_init()
+        self.space = Space()
         self.paxos: Paxos | None = None
         if init.kind == "consensus":
             self.paxos = Paxos(name, init.count // 2 + 1)
@@ -225,9 +226,6 @@ class Allocator:
         self.stats = {"sent_msgs": 0, "sent_ring_entries": 0}
         self._restore(snapshot)
 
-    def _space_init(self) -> None:
-        from .space import Space
-        self.space = Space()
 
     # ---- restore / persist -------------------------------------------------------------
 
@@ -667,7 +665,7 @@ class Allocator:
         self.pending.clear()
         self.allocs.clear()
         self.holder.clear()
-        self._space_init()
+        self.space = Space()
         self._persist(ClearAllocations())
         self.left = True
         self._reply(rid, {"moved": moved})

@@ -196,8 +196,7 @@ class Simulator:
                 continue
             self.stats["messages"] += 1
             n.alloc.receive(self.nodes[src].name, msg, self.now)
-            self._drain(n)
-            self.check_owners()
+            self._drain(n)  # re-indexes ownership: a double owner raises Violation here
 
     # ---- client side ---------------------------------------------------------------------
 
@@ -400,9 +399,6 @@ class Simulator:
     def _dup_owner(self, r: Range, a: int, b: int) -> None:
         raise Violation(f"peers {self.nodes[a].name} and {self.nodes[b].name} both own "
                         f"addresses in {self.universe.fmt_addr(r.start)}+{r.size}")
-
-    def check_owners(self) -> None:
-        """Cheap per-event check; the index is updated incrementally in _drain."""
 
     def converged(self) -> bool:
         live = [n for n in self.live()]
