@@ -216,6 +216,7 @@ class Allocator:
         self.synced = True
         self.urgent = False
         self.known_removed = False
+        self.removal_accepted = False
         self.left = False
         self.rm_pending: dict[int, _Pending] = {}
         self.ring_sent: dict[str, float] = {}
@@ -257,6 +258,7 @@ class Allocator:
             self.synced = set(self.ring.peers()) <= {self.name}
             self.restored = not self.ring.is_empty()
             self.known_removed = self.name in self.ring.removed
+            self.removal_accepted = self.known_removed  # rejoined fresh after a removal
         if self.init.kind == "seed" and self.ring.is_empty():
             self._seed(self.init.seeds)
 
@@ -423,7 +425,7 @@ class Allocator:
     def _try(self, p: _Pending) -> bool:
         """Serve a pending allocate/claim if we can now; False if it must wait."""
         req = p.req
-        if self.split:
+        if self.split or self.fault:
             self._fail(p.rid, "unavailable", self.state_text())
             return True
         if self.ring.is_empty() or not self.synced:
@@ -541,8 +543,11 @@ class Allocator:
         names = sorted(donors)
         d = self.rng.choices(names, weights=[donors[n] for n in names])[0]
         p.asked[d] = self.now
+        # "rj": we know we were removed once and rejoined fresh; without it a donor that
+        # knows of our removal takes us for the old incarnation returning with stale data
         self._send(d, {"t": "space?", "w": [window.start - self.universe.start,
-                                            window.end - self.universe.start]})
+                                            window.end - self.universe.start],
+                       "rj": self.known_removed})
         return False
 
     def _donate(self, to: str, window: Range) -> None:
@@ -737,7 +742,10 @@ class Allocator:
             if not (isinstance(w, list) and len(w) == 2 and all(type(x) is int for x in w)
                     and 0 <= w[0] < w[1] <= self.universe.size):
                 return "space request with a bad window"
-            if not self.ring.is_empty() and self.synced:
+            if sender in self.ring.removed and msg.get("rj") is not True:
+                # a removed peer back with old data: no space; our ring tells it why
+                self._send(sender, self._full_ring())
+            elif not self.ring.is_empty() and self.synced and not self.fault:
                 u = self.universe.start
                 self._donate(sender, Range(u + w[0], u + w[1]))
             return None
@@ -797,14 +805,21 @@ class Allocator:
         me = self.name
         if was_empty or any(self.ring.entries[t][1] == me or self.space.owns(t) for t in res):
             self._owned_changed()  # only changes at or inside our ranges can move them
-        if self.name in self.ring.removed and not self.known_removed and self.restored:
+        if self.name in self.ring.removed and not self.known_removed:
+            # fresh (reset) state: the removal is history, carry on under the same name;
+            # restored old data: its ranges are the heir's now, refuse to work
             self.known_removed = True
+        if self.name in self.ring.removed and self.restored and not self.fault and \
+                not self.removal_accepted:
             heir = self.ring.removed[self.name]
             self.fault = "removed"
             self.fault_text = (f"this peer was removed with rmpeer; its ranges now belong to "
                                f"{heir}. Run `weaveipam reset` on this host to rejoin with "
                                "fresh state (its pods need new addresses)")
             self._event("error", self.fault_text)
+            for p in self.pending:  # waiting work must not complete from stale ranges
+                self._fail(p.rid, "unavailable", self.fault_text)
+            self.pending.clear()
         if was_empty or self.space.owned_size() != before:
             self._persist_ring()
         if was_empty:

@@ -1,0 +1,259 @@
+"""Faults combined at random from a seed: SIGKILL + restart, SIGSTOP/SIGCONT, packet loss,
+partitions, rmpeer of a killed node and its return with its old data (then a fresh reset).
+
+Two fault lanes run at once; a fault holds the nodes it touches, partitions and rmpeer hold
+the topology, and rmpeer holds the whole cluster, so no two faults fight over one node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .client import NodeClient
+from .harness import ChaosNode, sh
+from .workload import History
+
+KINDS = {"kill": 3, "pause": 3, "loss": 2, "partition": 3, "rmpeer": 2}
+
+
+@dataclass
+class Fault:
+    kind: str
+    nodes: list[int]
+    t0: float
+    t1: float = -1.0
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RmpeerEvent:
+    node: int
+    gen: int
+    name: str
+    t: float           # first rmpeer request sent: the node's allocations end here
+
+
+async def ipt(node: ChaosNode, *args: str) -> None:
+    await asyncio.to_thread(sh, "ip", "netns", "exec", node.ns, "iptables", "-w", *args)
+
+
+async def wait_healthy(c: NodeClient, timeout: float = 30.0) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        if not c.node.running():
+            return False
+        if (await c.call("GET", "/healthz", 1.0))[0] == 200:
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+class FaultInjector:
+    def __init__(self, clients: list[NodeClient], history: History, seed: int,
+                 lanes: int = 2, kinds: list[str] | None = None) -> None:
+        unknown = set(kinds or []) - set(KINDS)
+        assert not unknown, f"unknown fault kinds {sorted(unknown)}: choose from {list(KINDS)}"
+        self.kinds = {k: w for k, w in KINDS.items() if not kinds or k in kinds}
+        self.clients = clients
+        self.h = history
+        self.rng = random.Random(seed)
+        self.lanes = lanes
+        self.faults: list[Fault] = []
+        self.rmpeers: list[RmpeerEvent] = []
+        self.busy: set[int] = set()
+        self.topo = False
+        self.exclusive = False
+        self.draining = False
+        self.cond = asyncio.Condition()
+        self.errors: list[str] = []
+
+    @property
+    def n(self) -> int:
+        return len(self.clients)
+
+    async def run(self, seconds: float) -> None:
+        end = self.h.now() + seconds
+        first = list(self.kinds)
+        self.rng.shuffle(first)
+        await asyncio.gather(*(self._lane(end, random.Random(self.rng.random()),
+                                          first if i == 0 else [])
+                               for i in range(self.lanes)))
+
+    async def _lane(self, end: float, rng: random.Random, first: list[str]) -> None:
+        """Random faults until `end`; `first` are kinds to run before anything else (so a
+        run covers every kind), each retried until it could run."""
+        kinds, weights = zip(*self.kinds.items(), strict=True)
+        while self.h.now() < end:
+            await asyncio.sleep(rng.uniform(0.3, 2.0))
+            kind = first[0] if first else rng.choices(kinds, weights)[0]
+            try:
+                if await self._inject(kind, rng, end) and first:
+                    first.pop(0)
+            except Exception as e:  # a harness failure must not stop the other lane
+                self.errors.append(f"{kind}: {type(e).__name__}: {e}")
+                if first:
+                    first.pop(0)
+
+    async def _acquire(self, kind: str, rng: random.Random) -> list[int] | None:
+        """Nodes for `kind` (marked busy), or None if it cannot run now."""
+        async with self.cond:
+            if self.exclusive or (self.draining and kind != "rmpeer"):
+                return None
+            if kind == "partition":
+                if self.topo:
+                    return None
+                self.topo = True
+                return []
+            free = [i for i in range(self.n) if i not in self.busy]
+            if kind == "rmpeer":
+                if self.topo or len(free) < self.n:
+                    self.draining = True  # no new faults until this one could start
+                    return None
+                self.topo = self.exclusive = True
+                self.draining = False
+                pick = [rng.randrange(self.n)]
+            else:
+                # keep a majority of processes alive, so the workload keeps going
+                if not free or (kind in ("kill", "pause") and len(self.busy) >= 1):
+                    return None
+                pick = [rng.choice(free)]
+            self.busy.update(pick)
+            return pick
+
+    async def _release(self, kind: str, nodes: list[int]) -> None:
+        async with self.cond:
+            self.busy.difference_update(nodes)
+            if kind in ("partition", "rmpeer"):
+                self.topo = False
+            if kind == "rmpeer":
+                self.exclusive = False
+
+    async def _inject(self, kind: str, rng: random.Random, end: float) -> bool:
+        nodes = await self._acquire(kind, rng)
+        if nodes is None:
+            return False
+        f = Fault(kind, nodes, self.h.now())
+        self.faults.append(f)
+        try:
+            if kind == "kill":
+                await self._kill(f, rng)
+            elif kind == "pause":
+                await self._pause(f, rng)
+            elif kind == "loss":
+                await self._loss(f, rng)
+            elif kind == "partition":
+                await self._partition(f, rng)
+            elif kind == "rmpeer":
+                await self._rmpeer(f, rng)
+        finally:
+            f.t1 = self.h.now()
+            await self._release(kind, nodes)
+        return True
+
+    async def _kill(self, f: Fault, rng: random.Random) -> None:
+        c = self.clients[f.nodes[0]]
+        c.node.signal(signal.SIGKILL)
+        await asyncio.to_thread(c.node.kill)
+        await asyncio.sleep(rng.uniform(1.0, 5.0))
+        c.node.start()
+        f.detail["up"] = await wait_healthy(c)
+
+    async def _pause(self, f: Fault, rng: random.Random) -> None:
+        node = self.clients[f.nodes[0]].node
+        node.signal(signal.SIGSTOP)
+        try:
+            await asyncio.sleep(rng.uniform(1.0, 4.0))
+        finally:
+            node.signal(signal.SIGCONT)
+
+    async def _loss(self, f: Fault, rng: random.Random) -> None:
+        node = self.clients[f.nodes[0]].node
+        p = rng.choice([0.05, 0.1, 0.2])
+        f.detail["probability"] = p
+        await ipt(node, "-A", "WICLOSS", "-m", "statistic", "--mode", "random",
+                  "--probability", str(p), "-j", "DROP")
+        try:
+            await asyncio.sleep(rng.uniform(3.0, 10.0))
+        finally:
+            await ipt(node, "-F", "WICLOSS")
+
+    async def _partition(self, f: Fault, rng: random.Random) -> None:
+        size = rng.randint(1, max(1, (self.n - 1) // 2))
+        a = sorted(rng.sample(range(self.n), size))
+        b = [i for i in range(self.n) if i not in a]
+        f.nodes = a
+        f.detail["groups"] = [a, b]
+        try:
+            for side, other in ((a, b), (b, a)):
+                for i in side:
+                    for j in other:
+                        await ipt(self.clients[i].node, "-A", "WICPART", "-s",
+                                  self.clients[j].node.addr, "-j", "DROP")
+            await asyncio.sleep(rng.uniform(3.0, 10.0))
+        finally:
+            for c in self.clients:
+                await ipt(c.node, "-F", "WICPART")
+
+    async def _rmpeer(self, f: Fault, rng: random.Random) -> None:
+        x = self.clients[f.nodes[0]]
+        others = [c for c in self.clients if c is not x]
+        name, gen = x.node.name, x.node.gen
+        f.detail["name"] = name
+        await asyncio.to_thread(x.node.kill)
+        # wait until a live peer sees it gone (rmpeer of a reachable peer is refused)
+        asker = rng.choice(others)
+        t_first = -1.0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30.0
+        answer: tuple[int, str] = (-1, "not tried")
+        while loop.time() < deadline:
+            if t_first < 0:
+                rep = await asker.report()
+                if rep is None or any(p["name"] == name and p["reachable"]
+                                      for p in rep["peers"]):
+                    await asyncio.sleep(0.3)
+                    continue
+                t_first = self.h.now()
+            answer = await asker.call("DELETE", f"/peer/{name}", 10.0)
+            if answer[0] == 200:
+                break
+            await asyncio.sleep(0.5)
+        if t_first < 0:  # never seen as unreachable: cannot happen unless the mesh is stuck
+            t_first = self.h.now()
+        f.detail["rmpeer_answer"] = [answer[0], answer[1].strip()[:120]]
+        f.detail["asker"] = asker.node.idx
+        await asyncio.sleep(rng.uniform(1.0, 3.0))
+        x.node.start()  # with its old data dir: it must see that it was removed
+        f.detail["old_up"] = await wait_healthy(x)
+        state = ""
+        deadline = loop.time() + (15.0 if answer[0] == 200 else 5.0)
+        while loop.time() < deadline:
+            rep = await x.report()
+            state = rep["state"] if rep else ""
+            if state == "removed":
+                break
+            await asyncio.sleep(0.3)
+        removed = answer[0] == 200 or state == "removed"
+        f.detail["returned_state"] = state
+        f.detail["removed"] = removed
+        if not removed:  # rmpeer never took effect: this was only a kill and restart
+            return
+        # its ranges may have gone to the heir from the first request on
+        self.rmpeers.append(RmpeerEvent(x.node.idx, gen, name, t_first))
+        code, body = await x.call("POST", "/ip/wic-probe-removed", 5.0)
+        f.detail["returned_alloc"] = [code, body.strip()[:160]]
+        f.detail["refused"] = code != 200
+        # reset: forget the old state and start fresh under a new name
+        await asyncio.to_thread(x.node.kill)
+        await asyncio.to_thread(x.node.wipe)
+        x.node.start()
+        f.detail["fresh_up"] = await wait_healthy(x)
+        f.detail["new_name"] = x.node.name

@@ -1,0 +1,200 @@
+"""One chaos run: cluster up, workload + faults for `seconds`, heal, converge, check, plot.
+
+`python -m tests.cluster.run --seconds 30 --out /tmp/chaos` runs one from the repo root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from .checker import check
+from .client import NodeClient, own_share, ring_signature
+from .faults import FaultInjector, wait_healthy
+from .harness import ChaosCluster
+from .plot import timeline
+from .workload import History, Workload
+
+CONVERGE_LIMIT = 10.0
+
+
+async def monitor(clients: list[NodeClient], h: History, shares: list[tuple[float, int, float]],
+                  stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        reps = await asyncio.gather(*(c.report(1.0) for c in clients))
+        for c, rep in zip(clients, reps, strict=True):
+            if rep is not None and rep.get("entries"):
+                shares.append((h.now(), c.node.idx, own_share(rep)))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+
+
+async def converge(clients: list[NodeClient], limit: float) -> tuple[float | None, list[Any]]:
+    """Seconds until every node reports the same ring (None if not within limit)."""
+    t0 = time.monotonic()
+    sigs: list[Any] = []
+    while time.monotonic() - t0 < limit:
+        reps = await asyncio.gather(*(c.report(2.0) for c in clients))
+        sigs = [ring_signature(r) if r else None for r in reps]
+        if all(s is not None for s in sigs) and len(set(sigs)) == 1:
+            return time.monotonic() - t0, []
+        await asyncio.sleep(0.2)
+    return None, [len(s) if s else None for s in sigs]
+
+
+async def _run(cl: ChaosCluster, seconds: float, seed: int, workers: int,
+               out: Path, kinds: list[str] | None) -> dict[str, Any]:
+    h = History()
+    clients = [NodeClient(n) for n in cl.nodes]
+    try:
+        for n in cl.nodes:
+            n.start()
+        for c in clients:
+            assert await wait_healthy(c, 60), f"node{c.node.idx} down:\n{c.node.log_tail()}"
+        t_ready0 = time.monotonic()
+        deadline = t_ready0 + 60
+        while time.monotonic() < deadline:
+            codes = await asyncio.gather(*(c.call("GET", "/readyz", 2.0) for c in clients))
+            if all(code == 200 for code, _ in codes):
+                break
+            await asyncio.sleep(0.2)
+        else:
+            raise AssertionError(f"cluster not ready: {codes}")
+        ready_s = time.monotonic() - t_ready0
+        h.t_start = time.monotonic()
+        shares: list[tuple[float, int, float]] = []
+        stop_mon = asyncio.Event()
+        mon = asyncio.create_task(monitor(clients, h, shares, stop_mon))
+        wl = Workload(clients, h, seed, workers_per_node=workers)
+        fi = FaultInjector(clients, h, seed + 1, kinds=kinds)
+        wl_task = asyncio.create_task(wl.run())
+        try:
+            await fi.run(seconds)
+        finally:
+            # heal everything that might be left (a lane's finally already did, normally)
+            for c in clients:
+                c.node.signal(signal.SIGCONT)
+                for chain in ("WICPART", "WICLOSS"):
+                    with contextlib.suppress(Exception):
+                        await asyncio.to_thread(c.node.ipt, "-F", chain)
+            wl.stop()
+            await wl_task
+        for c in clients:
+            if not c.node.running():
+                c.node.start()
+            await wait_healthy(c)
+        t_heal = h.now()
+        conv_s, conv_detail = await converge(clients, CONVERGE_LIMIT)
+        stop_mon.set()
+        await mon
+        finals = await asyncio.gather(*(c.owned() for c in clients))
+        final = {c.node.idx: f for c, f in zip(clients, finals, strict=True)}
+        # every node allocates again
+        end_alloc: list[tuple[int, int, str]] = []
+        for c in clients:
+            code, body = await c.call("POST", f"/ip/wic-final-{c.node.idx}", 15.0)
+            end_alloc.append((c.node.idx, code, body.strip()[:120]))
+        reset = {(r.node, r.gen) for r in fi.rmpeers}
+        violations = check(h.ops, fi.rmpeers, final, reset)
+        if conv_s is None:
+            violations.append({"kind": "not-converged", "limit_s": CONVERGE_LIMIT,
+                               "entries": conv_detail})
+        for idx, code, body in end_alloc:
+            if code != 200:
+                violations.append({"kind": "cannot-allocate-at-end", "node": idx,
+                                   "answer": [code, body]})
+        for f in fi.faults:
+            if f.kind == "rmpeer" and f.detail.get("removed") and not f.detail.get("refused"):
+                violations.append({"kind": "removed-node-allocated", "node": f.nodes[0],
+                                   "answer": f.detail.get("returned_alloc")})
+        acked = [o for o in h.ops if o.ok]
+        lat = sorted(o.latency for o in acked)
+        summary: dict[str, Any] = {
+            "nodes": len(cl.nodes), "seed": seed, "fault_seconds": seconds,
+        "fault_kinds": list(fi.kinds),
+            "workers_per_node": workers, "ready_s": round(ready_s, 3),
+            "ops": len(h.ops), "acknowledged": len(acked),
+            "ops_by_kind": dict(Counter(o.op for o in acked)),
+            "failed_by_kind": dict(Counter(o.op for o in h.ops if not o.ok)),
+            "acknowledged_per_s": round(len(acked) / max(t_heal, 1e-9), 1),
+            "latency_ms": {"p50": round(1000 * lat[len(lat) // 2], 2) if lat else None,
+                           "p99": round(1000 * lat[int(len(lat) * 0.99)], 2) if lat else None},
+            "faults": len(fi.faults),
+            "faults_by_kind": dict(Counter(f.kind for f in fi.faults)),
+            "rmpeers": [f.detail for f in fi.faults if f.kind == "rmpeer"],
+            "harness_errors": fi.errors,
+            "time_to_converge_s": None if conv_s is None else round(conv_s, 3),
+            "end_allocations": end_alloc,
+            "violations": violations,
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        with open(out / "history.jsonl", "w") as fh:
+            for o in h.ops:
+                fh.write(json.dumps(o.to_json()) + "\n")
+        (out / "faults.json").write_text(json.dumps([f.to_json() for f in fi.faults],
+                                                    indent=1) + "\n")
+        timeline(out / "timeline.png", h.ops, fi.faults, shares, len(cl.nodes), t_heal,
+                 f"weaveipam chaos: {len(cl.nodes)} nodes, seed {seed}, {seconds:.0f} s of "
+                 f"faults, {len(acked)} acknowledged ops, {len(fi.faults)} faults, "
+                 f"{len(violations)} violations",
+                 marks=[float(x["t"]) for x in violations if "t" in x])
+        summary["png"] = str(out / "timeline.png")
+        return summary
+    finally:
+        for c in clients:
+            await c.close()
+
+
+def run_chaos(nodes: int = 5, seconds: float = 180.0, seed: int = 1, workers: int = 4,
+              out: Path | None = None, keep: bool = False,
+              kinds: list[str] | None = None) -> dict[str, Any]:
+    """Runs everything and removes every namespace, link and process it made; `kinds`
+    limits the faults (default: all of faults.KINDS)."""
+    root = Path(tempfile.mkdtemp(prefix="wic-"))
+    out = out or root / "out"
+    cl = ChaosCluster(nodes, root)
+    try:
+        cl.setup()
+        summary = asyncio.run(_run(cl, seconds, seed, workers, out, kinds))
+        summary["logs"] = str(root) if keep else None
+        return summary
+    finally:
+        cl.close()
+        if not keep:
+            if out.is_relative_to(root):
+                for p in root.iterdir():
+                    if not out.is_relative_to(p):
+                        shutil.rmtree(p, ignore_errors=True)
+            else:
+                shutil.rmtree(root, ignore_errors=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--nodes", type=int, default=5)
+    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--keep", action="store_true", help="keep the nodes' data dirs and logs")
+    ap.add_argument("--faults", default="", help="comma-separated fault kinds (default all)")
+    a = ap.parse_args()
+    kinds = [k for k in a.faults.split(",") if k] or None
+    s = run_chaos(a.nodes, a.seconds, a.seed, a.workers, a.out, a.keep, kinds)
+    print(json.dumps(s, indent=1))
+    return 1 if s["violations"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
