@@ -254,3 +254,19 @@ def cluster() -> Iterator[Cluster]:
         c.close()
         if not os.environ.get("WEAVEIPAM_KEEP_TEST_DIRS"):
             shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def single_node(prefix: str) -> Iterator[Node]:
+    """One ready daemon (consensus=1) in a temp dir, stopped and removed afterwards."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    c = Cluster(root)
+    try:
+        (n,) = c.add(1, init="consensus=1")
+        wait_for(lambda: n.api("GET", "/ring", timeout=10)[0] == 200
+                 and n.status("/readyz")[0] == 200, timeout=30, what="ready")
+        yield n
+    finally:
+        c.close()
+        if not os.environ.get("WEAVEIPAM_KEEP_TEST_DIRS"):
+            shutil.rmtree(root, ignore_errors=True)

@@ -12,19 +12,15 @@ import contextlib
 import http.client
 import itertools
 import json
-import os
-import shutil
 import socket
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import pytest
 import schemathesis
-from daemons import Cluster, Node, wait_for
+from daemons import Node, single_node
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis.checks import status_code_conformance
@@ -38,18 +34,9 @@ _seq = itertools.count(1)
 
 @pytest.fixture(scope="module")
 def node() -> Iterator[Node]:
-    root = Path(tempfile.mkdtemp(prefix="wi-fa-"))
-    c = Cluster(root)
-    try:
-        (n,) = c.add(1, init="consensus=1")
-        wait_for(lambda: n.api("GET", "/ring", timeout=10)[0] == 200
-                 and n.status("/readyz")[0] == 200, timeout=30, what="ready")
+    with single_node("wi-fa-") as n:
         yield n
         print(f"\nfuzz api cases: {dict(CASES)} total={sum(CASES.values())}")
-    finally:
-        c.close()
-        if not os.environ.get("WEAVEIPAM_KEEP_TEST_DIRS"):
-            shutil.rmtree(root, ignore_errors=True)
 
 
 def owned(n: Node) -> Any:

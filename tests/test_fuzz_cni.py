@@ -9,16 +9,13 @@ cases tried are printed at the end (run with -s to see them).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from daemons import Cluster, Node, wait_for
+from daemons import Node, single_node
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from test_cni_support import CniRun, run_plugin, shim_binary
@@ -37,18 +34,9 @@ VALID_ENV: dict[str, str] = {"container_id": "fuzzcontainer", "netns": "/var/run
 
 @pytest.fixture(scope="module")
 def node() -> Iterator[Node]:
-    root = Path(tempfile.mkdtemp(prefix="wi-fc-"))
-    c = Cluster(root)
-    try:
-        (n,) = c.add(1, init="consensus=1")
-        wait_for(lambda: n.api("GET", "/ring", timeout=10)[0] == 200
-                 and n.status("/readyz")[0] == 200, timeout=30, what="ready")
+    with single_node("wi-fc-") as n:
         yield n
         print(f"\nfuzz cni cases: {dict(CASES)} total={sum(CASES.values())}")
-    finally:
-        c.close()
-        if not os.environ.get("WEAVEIPAM_KEEP_TEST_DIRS"):
-            shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

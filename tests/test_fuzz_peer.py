@@ -11,9 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import shutil
 import socket
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -23,7 +21,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from daemons import Cluster, Node, wait_for
+from daemons import Node, single_node
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -40,19 +38,10 @@ _names = itertools.count(1)
 
 @pytest.fixture(scope="module")
 def node() -> Iterator[Node]:
-    root = Path(tempfile.mkdtemp(prefix="wi-fp-"))
-    c = Cluster(root)
-    try:
-        (n,) = c.add(1, init="consensus=1")
-        wait_for(lambda: n.api("GET", "/ring", timeout=10)[0] == 200
-                 and n.status("/readyz")[0] == 200, timeout=30, what="ready")
+    with single_node("wi-fp-") as n:
         yield n
         total = sum(CASES.values())
         print(f"\nfuzz peer cases: {dict(CASES)} total={total}")
-    finally:
-        c.close()
-        if not os.environ.get("WEAVEIPAM_KEEP_TEST_DIRS"):
-            shutil.rmtree(root, ignore_errors=True)
 
 
 def rss_kb(pid: int) -> int:
