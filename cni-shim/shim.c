@@ -144,18 +144,8 @@ static int json_escape(struct buf *b, const char *s, size_t n) {
             if (buf_add(b, esc, 2) != 0) {
                 return -1;
             }
-        } else if (c < 0x20 || c == 0x7f) {
-            esc[0] = '\\';
-            esc[1] = 'u';
-            esc[2] = '0';
-            esc[3] = '0';
-            esc[4] = hex[c >> 4];
-            esc[5] = hex[c & 15];
-            if (buf_add(b, esc, 6) != 0) {
-                return -1;
-            }
-        } else if (c >= 0x80) {
-            /* not validated as UTF-8: escape as U+00XX so the output stays valid JSON */
+        } else if (c < 0x20 || c == 0x7f || c >= 0x80) {
+            /* controls, and bytes >= 0x80 (not validated as UTF-8): U+00XX keeps it JSON */
             esc[0] = '\\';
             esc[1] = 'u';
             esc[2] = '0';

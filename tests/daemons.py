@@ -244,9 +244,10 @@ def wait_for(pred: Any, timeout: float = 20.0, interval: float = 0.1, what: str 
     raise AssertionError(f"timed out waiting for {what or pred}: last {last!r}")
 
 
-@pytest.fixture
-def cluster() -> Iterator[Cluster]:
-    root = Path(tempfile.mkdtemp(prefix="wi-"))
+@contextlib.contextmanager
+def temp_cluster(prefix: str = "wi-") -> Iterator[Cluster]:
+    """A Cluster in a fresh temp dir; its daemons are stopped and the dir removed after."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
     c = Cluster(root)
     try:
         yield c
@@ -256,17 +257,17 @@ def cluster() -> Iterator[Cluster]:
             shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    with temp_cluster() as c:
+        yield c
+
+
 @contextlib.contextmanager
 def single_node(prefix: str) -> Iterator[Node]:
     """One ready daemon (consensus=1) in a temp dir, stopped and removed afterwards."""
-    root = Path(tempfile.mkdtemp(prefix=prefix))
-    c = Cluster(root)
-    try:
+    with temp_cluster(prefix) as c:
         (n,) = c.add(1, init="consensus=1")
         wait_for(lambda: n.api("GET", "/ring", timeout=10)[0] == 200
                  and n.status("/readyz")[0] == 200, timeout=30, what="ready")
         yield n
-    finally:
-        c.close()
-        if not os.environ.get("WEAVEIPAM_KEEP_TEST_DIRS"):
-            shutil.rmtree(root, ignore_errors=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemons import Cluster, Node
+from daemons import Cluster, Node, temp_cluster
 from test_cni_support import (
     BRIDGE,
     BridgeNet,
@@ -50,13 +50,8 @@ def _host_ok() -> None:
 
 @pytest.fixture(scope="module")
 def cluster_root() -> Iterator[Cluster]:
-    root = Path(tempfile.mkdtemp(prefix="wc-"))
-    c = Cluster(root)
-    try:
+    with temp_cluster("wc-") as c:
         yield c
-    finally:
-        c.close()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

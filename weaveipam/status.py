@@ -180,7 +180,7 @@ def report(d: Daemon) -> dict[str, Any]:
         "removed": dict(a.ring.removed),
         "entries": entries,
         "pending": pending,
-        "peers": [{"name": n, "nickname": v.nickname, "reachable": v.reachable}
+        "peers": [{"name": n, "nickname": v.nickname, "reachable": n in live}
                   for n, v in sorted(a.peers.items())],
         "connections": [{"name": c.name, "nickname": c.nickname, "address": c.address,
                          "state": c.state, "outbound": c.outbound,

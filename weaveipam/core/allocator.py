@@ -167,7 +167,6 @@ class _Pending:
 @dataclass
 class PeerView:
     nickname: str = ""
-    reachable: bool = False
 
 
 class Allocator:
@@ -224,7 +223,6 @@ class Allocator:
         self.next_ring_ask = now
         self.restored = False
         self.sync_deadline = now + SYNC_GRACE
-        self.stats = {"sent_msgs": 0, "sent_ring_entries": 0}
         self._restore(snapshot)
 
 
@@ -275,9 +273,6 @@ class Allocator:
         return out
 
     def _send(self, dest: str | None, msg: dict[str, Any]) -> None:
-        self.stats["sent_msgs"] += 1
-        if msg.get("t") == "ring":
-            self.stats["sent_ring_entries"] += len(msg["ring"]["e"])
         self.out.append(Send(dest, msg))
 
     def _full_ring(self, ae: bool = False) -> dict[str, Any]:
@@ -349,8 +344,7 @@ class Allocator:
         return self._reach
 
     def _set_reachable(self, name: str, up: bool) -> None:
-        pv = self.peers.setdefault(name, PeerView())
-        pv.reachable = up
+        self.peers.setdefault(name, PeerView())
         if up:
             self._reach.add(name)
         else:

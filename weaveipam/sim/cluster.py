@@ -30,7 +30,7 @@ from ..core.allocator import (
     Send,
 )
 from ..core.records import Snapshot
-from .wire import roundtrip, size_of
+from .wire import transit
 
 
 @dataclass
@@ -156,7 +156,7 @@ class Simulator:
     def _send(self, n: SimNode, s: Send) -> None:
         msg = s.msg
         if self.wire:
-            size, msg = size_of(msg), roundtrip(msg)
+            size, msg = transit(msg)
             n.bytes_sent += size
         if s.dest is None:
             targets = [j for j in n.neighbours if self.nodes[j].alloc is not None]
@@ -311,9 +311,9 @@ class Simulator:
                 if a is b:
                     continue
                 if self._connected(a.idx, b.idx):
-                    if not a.alloc.peers.get(b.name) or not a.alloc.peers[b.name].reachable:
+                    if b.name not in a.alloc.reachable():
                         a.alloc.peer_up(b.name, f"node{b.idx}", self.now)
-                elif a.alloc.peers.get(b.name) and a.alloc.peers[b.name].reachable:
+                elif b.name in a.alloc.reachable():
                     a.alloc.peer_down(b.name, self.now)
             self._drain(a)
 

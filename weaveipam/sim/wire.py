@@ -7,13 +7,7 @@ from typing import Any
 import msgpack
 
 
-def encode(msg: dict[str, Any]) -> bytes:
-    return msgpack.packb(msg, use_bin_type=True)  # type: ignore[no-any-return]
-
-
-def size_of(msg: dict[str, Any]) -> int:
-    return len(encode(msg))
-
-
-def roundtrip(msg: dict[str, Any]) -> Any:
-    return msgpack.unpackb(encode(msg), raw=False, strict_map_key=False)
+def transit(msg: dict[str, Any]) -> tuple[int, Any]:
+    """Encode once: the bytes on the wire (counted) and what the receiver decodes."""
+    data: bytes = msgpack.packb(msg, use_bin_type=True)
+    return len(data), msgpack.unpackb(data, raw=False, strict_map_key=False)
