@@ -5,6 +5,9 @@ PY ?= python3
 
 install:
 	$(PY) -m pip install -q -e '.[test]'
+	@# an editable install is not byte-compiled: without this every daemon a test starts
+	@# compiles the package again (and PYTHONDONTWRITEBYTECODE machines never cache it)
+	$(PY) -m compileall -q weaveipam
 
 run: install
 	$(PY) -m weaveipam daemon --data-dir .weaveipam --socket .weaveipam/ipam.sock

@@ -219,23 +219,23 @@ async def test_failed_batch_fails_exactly_its_callers(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     entered, release = threading.Event(), threading.Event()
-    real_write, real_apply = store._write, store._apply
+    real_end, real_apply = store._end, store._apply
     calls = 0
 
-    def gated_write(records: Iterable[Record]) -> None:
+    def gated_end(conn: sqlite3.Connection, seq: int, n: int) -> None:
         nonlocal calls
         calls += 1
-        if calls == 1:  # hold the first batch so the next three queue up together
+        if calls == 1:  # hold the first COMMIT so the next three queue up together
             entered.set()
             assert release.wait(5)
-        real_write(records)
+        real_end(conn, seq, n)
 
     def poisoned_apply(conn: sqlite3.Connection, rec: Record) -> None:
         if isinstance(rec, PutAllocation) and rec.ident == "poison":
             raise sqlite3.OperationalError("disk I/O error")
         real_apply(conn, rec)
 
-    monkeypatch.setattr(store, "_write", gated_write)
+    monkeypatch.setattr(store, "_end", gated_end)
     monkeypatch.setattr(store, "_apply", poisoned_apply)
 
     plug = asyncio.create_task(store.commit([PutAllocation("plug", 1)]))

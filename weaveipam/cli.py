@@ -278,6 +278,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     from .daemon import Config, Daemon, StartupError, parse_hostport
     from .names import check_name
 
+    _import_aiohttp()
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
                         stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -329,6 +330,24 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     return EXIT_OK
+
+
+def _import_aiohttp() -> None:
+    """Import aiohttp without loading the system CA bundle.
+
+    aiohttp builds two verifying TLS client contexts when imported, which parses every
+    CA certificate (about 90 ms of CPU per daemon start here, a quarter of it).  The
+    daemon makes no TLS connections, so the bundle is pointed at nothing for the import.
+    """
+    before = os.environ.get("SSL_CERT_FILE")
+    os.environ["SSL_CERT_FILE"] = os.devnull
+    try:
+        import aiohttp.web  # noqa: F401
+    finally:
+        if before is None:
+            del os.environ["SSL_CERT_FILE"]
+        else:
+            os.environ["SSL_CERT_FILE"] = before
 
 
 def _read_password(args: argparse.Namespace) -> bytes | None:

@@ -5,12 +5,13 @@ one output batch durable before it replies or gossips anything from that batch. 
 module is that durability: a single sqlite file in WAL mode with ``synchronous=FULL``,
 so a returned commit has been fsync'd.
 
-Async callers go through `Store.commit`, which hands records to one writer thread.
-While that thread is inside a transaction (and its fsync), further commits queue up
-and are written together in the next transaction ("group commit"), so many concurrent
-allocations cost one fsync instead of one each.  Each caller's future resolves only
-after the transaction holding its records has committed; if that transaction fails,
-exactly the callers in it get a `StoreError` and none of their records are kept.
+Async callers go through `Store.commit`: its records are applied in a transaction on
+the caller's thread and one writer thread does the COMMIT (the fsync).  While a COMMIT
+is in flight, further commits queue up and go together into the next transaction
+("group commit"), so many concurrent allocations cost one fsync instead of one each.
+Each caller's future resolves only after the transaction holding its records has
+committed; if that transaction fails, exactly the callers in it get a `StoreError` and
+none of their records are kept.
 
 A store file is only ever opened by one `Store` (one daemon) at a time; the ordering
 counter is kept in memory on that assumption.
@@ -19,7 +20,6 @@ counter is kept in memory on that assumption.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import queue
 import sqlite3
@@ -79,6 +79,15 @@ class _Pending:
     records: tuple[Record, ...]
     future: asyncio.Future[None]
     loop: asyncio.AbstractEventLoop
+
+
+@dataclass(slots=True)
+class _Batch:
+    """A transaction `_kick` began, for the writer thread to COMMIT."""
+
+    batch: list[_Pending]
+    seq: int  # the ordering counter before it, restored if the COMMIT fails
+    n: int
 
 
 class _Stop:
@@ -150,8 +159,11 @@ class Store:
         #: records written by those transactions
         self.records_written = 0
         self._db_lock = threading.Lock()  # guards _conn, _seq and the counters
-        self._state_lock = threading.Lock()  # guards _closed and _writer
-        self._queue: queue.SimpleQueue[_Pending | _Stop] = queue.SimpleQueue()
+        # _db_lock is also held from `_kick`'s BEGIN until the writer's COMMIT is done,
+        # across the two threads (a Lock, not an RLock, may be released by another)
+        self._state_lock = threading.Lock()  # guards _closed, _writer and _waiting
+        self._waiting: list[_Pending] = []  # commit() calls not yet in a transaction
+        self._queue: queue.SimpleQueue[_Batch | _Stop] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._closed = False
         self._conn: sqlite3.Connection | None = self._open()
@@ -304,6 +316,7 @@ class Store:
                     conn.execute("COMMIT")
             except sqlite3.Error as e:
                 raise StoreError(f"cannot read store {self.path}: {e}; " + self._fix()) from e
+        self._kick()  # commit() calls that arrived while we held the database
         snap = Snapshot(
             name=self._meta(meta, "name", str),
             universe=self._meta(meta, "universe", str),
@@ -385,40 +398,61 @@ class Store:
     def _put_meta(conn: sqlite3.Connection, key: str, value: str | bytes) -> None:
         conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
+    def _begin(self, conn: sqlite3.Connection, records: Iterable[Record]) -> tuple[int, int]:
+        """Open a transaction and apply records; returns (seq before, records applied).
+        On error everything is rolled back and a StoreError raised."""
+        seq = self._seq
+        n = 0
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for rec in records:
+                self._apply(conn, rec)
+                n += 1
+        except BaseException as e:
+            self._abort(conn, seq)
+            raise self._commit_error(e) from e
+        return seq, n
+
+    def _end(self, conn: sqlite3.Connection, seq: int, n: int) -> None:
+        """COMMIT what `_begin` applied: durable on return, rolled back on error."""
+        try:
+            conn.execute("COMMIT")  # synchronous=FULL: the WAL is fsync'd here
+        except BaseException as e:
+            self._abort(conn, seq)
+            raise self._commit_error(e) from e
+        self.transactions += 1
+        self.records_written += n
+
+    def _abort(self, conn: sqlite3.Connection, seq: int) -> None:
+        self._seq = seq
+        try:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # the original error is the one worth reporting
+
+    def _commit_error(self, e: BaseException) -> BaseException:
+        if isinstance(e, sqlite3.Error):
+            return StoreError(
+                f"could not commit to store {self.path}: {e}; nothing from this "
+                "commit was kept - check disk space, permissions and the disk's "
+                "health, then retry"
+            )
+        return e
+
     def _write(self, records: Iterable[Record]) -> None:
         """Apply records in one transaction; durable on return, untouched on error."""
         with self._db_lock:
             conn = self._require_conn()
-            seq = self._seq
-            n = 0
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                for rec in records:
-                    self._apply(conn, rec)
-                    n += 1
-                conn.execute("COMMIT")  # synchronous=FULL: the WAL is fsync'd here
-            except BaseException as e:
-                self._seq = seq
-                try:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass  # the original error is the one worth reporting
-                if isinstance(e, sqlite3.Error):
-                    raise StoreError(
-                        f"could not commit to store {self.path}: {e}; nothing from this "
-                        "commit was kept - check disk space, permissions and the disk's "
-                        "health, then retry"
-                    ) from e
-                raise
-            self.transactions += 1
-            self.records_written += n
+            seq, n = self._begin(conn, records)
+            self._end(conn, seq, n)
 
     def commit_sync(self, records: Sequence[Record]) -> None:
         """Make records durable in one transaction before returning (blocks)."""
         recs = _check_records(records)
         if recs:
             self._write(recs)
+        self._kick()  # commit() calls that arrived while we held the database
 
     async def commit(self, records: Sequence[Record]) -> None:
         """Make records durable, sharing the transaction with concurrent callers.
@@ -441,46 +475,81 @@ class Store:
                     daemon=True,
                 )
                 self._writer.start()
-            self._queue.put(_Pending(recs, fut, loop))
+            self._waiting.append(_Pending(recs, fut, loop))
+        self._kick()
         await fut
 
+    def _kick(self) -> None:
+        """Start the next transaction unless one is in flight (its writer kicks again).
+
+        The statements run here, on the caller's thread: they are quick, and running
+        them on the writer thread made it wait for the event loop's GIL before each one
+        (a 20-record batch took 3 ms instead of 0.6).  Only the COMMIT, the fsync, goes
+        to the writer thread.
+        """
+        while self._waiting and self._db_lock.acquire(blocking=False):
+            with self._state_lock:
+                batch, self._waiting = self._waiting, []
+            if not batch:  # another kick took them meanwhile
+                self._db_lock.release()
+                continue
+            records = [rec for p in batch for rec in p.records]
+            if not records:  # only barriers: everything before them is durable
+                self._db_lock.release()
+                self._settle(batch, None)
+                continue
+            try:
+                conn = self._require_conn()
+                seq, n = self._begin(conn, records)
+            except BaseException as e:
+                self._db_lock.release()
+                self._settle(batch, e)
+                if not isinstance(e, Exception):
+                    raise
+                continue
+            self._queue.put(_Batch(batch, seq, n))  # the writer releases _db_lock
+            return
+
     def _writer_main(self) -> None:
-        """Writer thread: take everything queued, commit it together, repeat."""
-        stop = False
-        while not stop:
-            first = self._queue.get()
-            if isinstance(first, _Stop):
+        """Writer thread: COMMIT each transaction `_kick` began, then kick the next."""
+        while True:
+            item = self._queue.get()
+            if isinstance(item, _Stop):
                 return
-            batch = [first]
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(item, _Stop):
-                    stop = True
-                    break
-                batch.append(item)
             err: BaseException | None = None
             try:
-                self._write(itertools.chain.from_iterable(p.records for p in batch))
+                self._end(self._require_conn(), item.seq, item.n)
             except Exception as e:  # keep the writer alive for later batches
                 err = e
-            for p in batch:
-                # one exception object per caller: they are raised in separate tasks
-                mine: BaseException | None = None
-                if err is not None:
-                    mine = StoreError(
-                        str(err)
-                        if isinstance(err, StoreError)
-                        else f"could not commit to store {self.path}: {err!r}; nothing from "
-                        "this commit was kept - retry, and report this if it persists"
-                    )
-                    mine.__cause__ = err.__cause__ if isinstance(err, StoreError) else err
+            finally:
+                self._db_lock.release()
+            self._settle(item.batch, err)
+            with self._state_lock:
+                loop = self._waiting[0].loop if self._waiting else None
+            if loop is not None:
+                # the next transaction's statements run on its callers' loop (see _kick)
                 try:
-                    p.loop.call_soon_threadsafe(_settle, p.future, mine)
+                    loop.call_soon_threadsafe(self._kick)
                 except RuntimeError:
-                    pass  # that caller's loop is closed; nobody is waiting any more
+                    self._kick()  # that loop is closed: do it here rather than strand it
+
+    def _settle(self, batch: list[_Pending], err: BaseException | None) -> None:
+        for p in batch:
+            # one exception object per caller: they are raised in separate tasks
+            mine: BaseException | None = None
+            if err is not None:
+                mine = StoreError(
+                    str(err)
+                    if isinstance(err, StoreError)
+                    else f"could not commit to store {self.path}: {err!r}; nothing from "
+                    "this commit was kept - retry, and report this if it persists"
+                )
+                mine.__cause__ = err.__cause__ if isinstance(err, StoreError) else err
+            try:
+                p.loop.call_soon_threadsafe(_settle, p.future, mine)
+            except RuntimeError:
+                pass  # that caller's loop is closed; nobody is waiting any more
+
 
     def wipe(self) -> None:
         """Forget everything durably, keeping an empty store of the current schema.
@@ -507,6 +576,7 @@ class Store:
                     "the file with its -wal/-shm companions (discard_files does this)"
                 ) from e
             self.transactions += 1
+        self._kick()
 
     # ------------------------------------------------------------------ closing
 
@@ -520,14 +590,29 @@ class Store:
                 return
             self._closed = True  # later commit() calls are refused
             writer = self._writer
-            if writer is not None:
-                self._queue.put(_STOP)
-        if writer is not None and writer is not threading.current_thread():
-            writer.join()
+        while True:  # commit what is still waiting here: its loop may be the one blocked
+            with self._db_lock:  # waits for a transaction in flight
+                with self._state_lock:
+                    batch, self._waiting = self._waiting, []
+                if not batch:
+                    break
+                err: BaseException | None = None
+                try:
+                    conn = self._require_conn()
+                    seq, n = self._begin(conn, [r for p in batch for r in p.records])
+                    self._end(conn, seq, n)
+                except Exception as e:
+                    err = e
+            self._settle(batch, err)
+        if writer is not None:
+            self._queue.put(_STOP)
+            if writer is not threading.current_thread():
+                writer.join()
         with self._db_lock:
             if self._conn is not None:
                 self._conn.close()  # last connection: sqlite checkpoints the WAL
                 self._conn = None
+
 
     async def aclose(self) -> None:
         """`close` without blocking the event loop while the queue drains."""

@@ -17,7 +17,7 @@ from typing import Any
 import msgpack
 
 from .addr import CIDR, AddrError, Range
-from .paxos import Paxos
+from .paxos import NONE, Paxos
 from .records import (
     ClearAllocations,
     DelAllocation,
@@ -835,7 +835,9 @@ class Allocator:
         if self.paxos is None:
             return None
         if self.paxos.update(claims):
-            self.paxos_progress = self.now
+            if any(c.promise != NONE for c in claims.values()):
+                # a ballot moved (a peer only becoming known is not progress)
+                self.paxos_progress = self.now
             self._paxos_step()
         elif self.paxos.dirty:
             self._paxos_step()

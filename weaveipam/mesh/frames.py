@@ -146,8 +146,12 @@ def _fail(where: str, what: str) -> FrameError:
     return FrameError(f"{where}: {what}")
 
 
+def _is_name(obj: Any) -> bool:
+    return isinstance(obj, str) and 0 < len(obj) <= MAX_NAME_LEN and obj.isprintable()
+
+
 def _name(obj: Any, where: str) -> str:
-    if not isinstance(obj, str) or not 0 < len(obj) <= MAX_NAME_LEN or not obj.isprintable():
+    if not _is_name(obj):
         raise _fail(where, "expected a printable string of 1..255 characters")
     return obj
 
@@ -215,8 +219,20 @@ def _entry(obj: Any, where: str) -> PeerEntry:
         "name": _name, "nick": _text, "uid": _u64, "ver": _version,
         "nbrs": lambda o, w: _list(o, w, MAX_NEIGHBOURS),
     })
-    nbrs = tuple(_neighbour(n, f"{where}.nbrs[{i}]") for i, n in enumerate(rec["nbrs"]))
-    return PeerEntry(rec["name"], rec["nick"], rec["uid"], rec["ver"], nbrs)
+    return PeerEntry(rec["name"], rec["nick"], rec["uid"], rec["ver"],
+                     _neighbours(rec["nbrs"], where))
+
+
+def _neighbours(objs: list[Any], where: str) -> tuple[Neighbour, ...]:
+    # topology frames are most of what a starting mesh parses: check each [name, host,
+    # port] inline and build the error's location text only if one is bad
+    out = []
+    for o in objs:
+        if not (type(o) is list and len(o) == 3 and _is_name(o[0]) and _is_name(o[1])
+                and type(o[2]) is int and 0 <= o[2] <= 65535):
+            return tuple(_neighbour(n, f"{where}.nbrs[{i}]") for i, n in enumerate(objs))
+        out.append(Neighbour(o[0], o[1], o[2]))
+    return tuple(out)
 
 
 _HELLO_KEYS: dict[str, Check] = {

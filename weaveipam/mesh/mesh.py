@@ -49,6 +49,9 @@ log = logging.getLogger("weaveipam.mesh")
 INITIAL_BACKOFF = 0.2
 MAX_BACKOFF = 30.0
 _TOPO_CHUNK = 64  # entries per topology frame (split further if a chunk is too big)
+# our own entry changes with every connection made or lost; changes this close together
+# go out as one (a starting mesh makes dozens a second)
+OWN_GOSSIP_DELAY = 0.02
 _U64 = (1 << 64) - 1
 
 ConnState = Literal["established", "connecting", "failed", "pending"]
@@ -198,6 +201,7 @@ class Mesh:
         self._next_hop: dict[str, str] = {}
         self._unreachable_since: dict[str, float] = {}
         self._server: asyncio.Server | None = None
+        self._own_timer: asyncio.TimerHandle | None = None
         self._listen_port: int | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
@@ -253,6 +257,8 @@ class Mesh:
         if not self._started or self._stopping:
             return
         self._stopping = True
+        if self._own_timer is not None:
+            self._own_timer.cancel()
         if self._server is not None:
             self._server.close()
         for conn in list(self._conns):
@@ -458,7 +464,7 @@ class Mesh:
                  hello.name, hello.nickname, conn.address)
         self._refresh_own()
         self._send_topology(conn, self._gossipable())
-        self._gossip([self._topo.own], exclude=conn)
+        self._own_changed()
         self._recompute()
         self._wake.set()
 
@@ -469,7 +475,7 @@ class Mesh:
             del self._established[peer.name]
             if not self._stopping:
                 if self._refresh_own():
-                    self._gossip([self._topo.own])
+                    self._own_changed()
                 self._recompute()
         self._wake.set()
 
@@ -540,6 +546,16 @@ class Mesh:
                 for name, conn in self._established.items() if conn.peer is not None]
         return self._topo.set_own_neighbours(nbrs)
 
+    def _own_changed(self) -> None:
+        if self._own_timer is None:
+            self._own_timer = asyncio.get_running_loop().call_later(
+                OWN_GOSSIP_DELAY, self._gossip_own)
+
+    def _gossip_own(self) -> None:
+        self._own_timer = None
+        if not self._stopping:
+            self._gossip([self._topo.own])
+
     def _gossipable(self, names: Iterable[str] | None = None) -> list[PeerEntry]:
         """Our own entry plus entries of reachable peers.  Unreachable (stale) entries
         are never passed on, so they die out instead of bouncing around forever.
@@ -604,10 +620,31 @@ class Mesh:
         newly = self._recompute()
         names = {e.name for e in changed} | newly
         entries = self._gossipable(names)
-        if not own_bumped:
-            entries = entries[1:]
-        self._gossip(entries, exclude=conn)
+        if own_bumped:
+            self._gossip(entries[:1], exclude=conn)
+        self._relay(entries[1:], exclude=conn)
         self._wake.set()
+
+    def _relay(self, entries: list[PeerEntry], exclude: Connection) -> None:
+        """Pass others' entries on, but not to the entry's owner or to the peers it lists
+        as neighbours: the owner sends each new version to its neighbours itself.  In a
+        full mesh that leaves nothing to relay; flooding every change to every peer cost
+        O(N^2) frames per change and kept 25 starting daemons busy for tens of seconds."""
+        if not entries:
+            return
+        skip = [{e.name, *(n.name for n in e.neighbours)} for e in entries]
+        encoded: dict[tuple[int, ...], list[bytes]] = {}
+        for name, conn in list(self._established.items()):
+            if conn is exclude:
+                continue
+            pick = tuple(i for i, s in enumerate(skip) if name not in s)
+            if not pick:
+                continue
+            frames = encoded.get(pick)
+            if frames is None:
+                frames = encoded[pick] = self._topology_frames([entries[i] for i in pick])
+            for data in frames:
+                conn.send_frame(data)
 
     def _recompute(self) -> set[str]:
         """Recompute routes and reachability; fire callbacks; return newly reachable."""
