@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import msgpack
 
@@ -146,7 +146,7 @@ def _fail(where: str, what: str) -> FrameError:
     return FrameError(f"{where}: {what}")
 
 
-def _is_name(obj: Any) -> bool:
+def _is_name(obj: Any) -> TypeGuard[str]:
     return isinstance(obj, str) and 0 < len(obj) <= MAX_NAME_LEN and obj.isprintable()
 
 
