@@ -34,17 +34,20 @@ async def _worker(path: str, w: int, stop: float, lat: list[float]) -> None:
     wr.close()
 
 
-async def _main(path: str, clients: int, seconds: float) -> None:
+async def measure(path: str, clients: int, seconds: float) -> tuple[int, list[float]]:
+    """(ops/s, every op's latency in seconds)."""
     lat: list[float] = []
-    stop = time.perf_counter() + seconds
-    await asyncio.gather(*(_worker(path, w, stop, lat) for w in range(clients)))
-    lat.sort()
-    print(f"{clients} client(s): {len(lat) / seconds:.0f} ops/s  p50 "
-          f"{lat[len(lat) // 2] * 1e3:.2f} ms  p99 {lat[int(len(lat) * 0.99)] * 1e3:.2f} ms")
+    t0 = time.perf_counter()
+    await asyncio.gather(*(_worker(path, w, t0 + seconds, lat) for w in range(clients)))
+    return int(len(lat) / (time.perf_counter() - t0)), lat
 
 
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         raise SystemExit(__doc__)
-    asyncio.run(_main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 32,
-                      float(sys.argv[3]) if len(sys.argv) > 3 else 5.0))
+    n = int(sys.argv[2]) if len(sys.argv) > 2 else 32
+    ops, lat = asyncio.run(measure(sys.argv[1], n, float(sys.argv[3]) if len(sys.argv) > 3
+                                   else 5.0))
+    lat.sort()
+    print(f"{n} client(s): {ops} ops/s  p50 {lat[len(lat) // 2] * 1e3:.2f} ms  "
+          f"p99 {lat[int(len(lat) * 0.99)] * 1e3:.2f} ms")

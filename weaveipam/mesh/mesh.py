@@ -463,7 +463,8 @@ class Mesh:
         log.info("connection %s %s(%s) at %s established", "to" if conn.outbound else "from",
                  hello.name, hello.nickname, conn.address)
         self._refresh_own()
-        self._send_topology(conn, self._gossipable())
+        entries = self._gossipable()  # ours first, then those the new peer may lack:
+        self._send_topology(conn, entries[:1] + self._unsent(entries[1:], hello.name))
         self._own_changed()
         self._recompute()
         self._wake.set()
@@ -632,19 +633,25 @@ class Mesh:
         O(N^2) frames per change and kept 25 starting daemons busy for tens of seconds."""
         if not entries:
             return
-        skip = [{e.name, *(n.name for n in e.neighbours)} for e in entries]
-        encoded: dict[tuple[int, ...], list[bytes]] = {}
+        encoded: dict[tuple[str, ...], list[bytes]] = {}
         for name, conn in list(self._established.items()):
             if conn is exclude:
                 continue
-            pick = tuple(i for i, s in enumerate(skip) if name not in s)
+            pick = self._unsent(entries, name)
             if not pick:
                 continue
-            frames = encoded.get(pick)
+            key = tuple(e.name for e in pick)
+            frames = encoded.get(key)
             if frames is None:
-                frames = encoded[pick] = self._topology_frames([entries[i] for i in pick])
+                frames = encoded[key] = self._topology_frames(pick)
             for data in frames:
                 conn.send_frame(data)
+
+    @staticmethod
+    def _unsent(entries: list[PeerEntry], peer: str) -> list[PeerEntry]:
+        """The entries that ``peer`` does not get from their owners directly."""
+        return [e for e in entries
+                if e.name != peer and all(n.name != peer for n in e.neighbours)]
 
     def _recompute(self) -> set[str]:
         """Recompute routes and reachability; fire callbacks; return newly reachable."""
