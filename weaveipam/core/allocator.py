@@ -40,6 +40,7 @@ ANTI_ENTROPY = 3.0        # digest exchange with one random peer
 SPLIT_FORGET = 30.0
 AUTO_PRIME_AFTER = 5.0
 SYNC_GRACE = 10.0         # after a restart with no in-sync peer, trust merged rings
+TAKEOVER_WAIT = 2.0       # rmpeer heir: longest wait for every peer's ring before acting
 MAX_IDENT = 256
 # Send(dest=None) is push gossip: the shell delivers it to at most this many random direct
 # neighbours. Flooding every neighbour made each node decode each change ~30 times at
@@ -223,6 +224,14 @@ class Allocator:
         self.next_ring_ask = now
         self.restored = False
         self.sync_deadline = now + SYNC_GRACE
+        # Polls: every reachable peer is asked for its full ring before acting on news that
+        # one peer's word is not enough for (a takeover, our name owning ranges).
+        self.polling: set[str] = set()     # peers whose full ring has not come yet
+        self.next_poll = now
+        self.vetted = False                # ranges under our name checked at first sync
+        self.vetting = False               # ... and the poll for that is running
+        # dead peer -> (act by, waiting callers: (peer asking, or None for ours; rid))
+        self.takeovers: dict[str, tuple[float, list[tuple[str | None, int]]]] = {}
         self._restore(snapshot)
 
 
@@ -347,6 +356,13 @@ class Allocator:
         self.peers.setdefault(name, PeerView())
         if up:
             self._reach.add(name)
+            if name in self.takeovers:
+                # back while we waited to take it over: it is not gone, even if a
+                # partition hides it again before the wait ends
+                for sender, rid in self.takeovers.pop(name)[1]:
+                    self._rmpeer_answer(sender, rid, name,
+                                        {"moved": 0, "peer": name, "heir": self.name},
+                                        f"peer {name} is reachable from {self.name}")
         else:
             self._reach.discard(name)
 
@@ -625,7 +641,7 @@ class Allocator:
             return
         heir = self.heir_for(dead)
         if heir == self.name:
-            self._reply(rid, self._take_over(dead))
+            self._take_over_later(dead, None, rid)
             self._flush()
             return
         self.rm_pending[rid] = _Pending(rid, RmPeer(dead), self.now + self.op_timeout)
@@ -677,6 +693,9 @@ class Allocator:
             return
         self._set_reachable(name, True)
         self.peers[name].nickname = nickname
+        if self.vetting or self.takeovers:
+            self.polling.add(name)  # it may know what the others did not
+            self._send(name, {"t": "ring?", "all": True})
         # With a ring, say nothing: a new peer asks one of us for it (tick), and anti-entropy
         # covers the rest; answering every peer_up would cost O(peers) rings per join.
         if self.ring.is_empty() and self.paxos is not None and self.paxos.active():
@@ -727,8 +746,14 @@ class Allocator:
             r = Ring.from_wire(msg.get("ring"), self.universe)
             if isinstance(r, RingError):
                 return r.message
-            return self._merge(sender, r, bool(msg["full"]), bool(msg.get("ae", False)),
-                               msg.get("ok", True) is True)
+            err = None
+            if not r.is_empty():  # empty: a polled peer that has no ring yet
+                err = self._merge(sender, r, bool(msg["full"]), bool(msg.get("ae", False)),
+                                  msg.get("ok", True) is True)
+            if msg["full"] and sender in self.polling:
+                self.polling.discard(sender)
+                self._polled()
+            return err
         if t == "paxos":
             return self._on_paxos(sender, msg.get("c"))
         if t == "space?":
@@ -754,7 +779,7 @@ class Allocator:
                 self._send(sender, {"t": "ring?"})
             return None
         if t == "ring?":
-            if not self.ring.is_empty():
+            if not self.ring.is_empty() or msg.get("all") is True:
                 self._send(sender, self._full_ring())
             return None
         if t == "rmpeer":
@@ -781,13 +806,27 @@ class Allocator:
                 return None
             return res.message
         newly_synced = False
-        if full and not self.synced and (ok or self.now >= self.sync_deadline):
+        if was_empty and not (full and ok):
+            # a delta, or a peer not in sync itself, may relay a restarted peer's stale
+            # ring: only a full ring from an in-sync peer puts us in sync
+            self.synced = False
+            self.sync_deadline = self.now + SYNC_GRACE
+        elif full and not self.synced and not self.vetting and (
+                ok or self.now >= self.sync_deadline):
             # in sync once a peer that is itself in sync sent its ring; if none is (the
             # whole cluster restarted), after a grace period with what we merged
             self.synced = newly_synced = True
-        elif full and was_empty and not ok:
-            self.synced = False
-            self.sync_deadline = self.now + SYNC_GRACE
+        if self.synced and not self.vetted:
+            self.vetted = True
+            if not self.restored and self.ring.owned_by(self.name):
+                # fresh state, yet ranges under our name: an earlier us that was removed,
+                # which this peer may not have heard of yet; hear every peer first
+                self.synced = newly_synced = False
+                self.vetting = True
+                self.sync_deadline = self.now + SYNC_GRACE
+                self._poll()
+                # our heir would know best, even if a partition hides it now
+                self.polling.add(self.heir_for(self.name))
         if ae and self.ring.digest() != r.digest():
             self._send(sender, self._full_ring())
         if not res and not was_empty and not newly_synced:
@@ -862,6 +901,7 @@ class Allocator:
 
     def _seed(self, peers: Iterable[str]) -> None:
         self.ring.seed(peers)
+        self.vetted = True
         self._owned_changed()
         self._persist_ring()
         self.dirty.update(self.ring.entries.keys())
@@ -888,21 +928,70 @@ class Allocator:
         self._paxos_step()
 
     def _on_rmpeer(self, sender: str, dead: str, rid: int) -> None:
+        refused = self._rmpeer_refused(dead)
+        if refused is None:
+            self._take_over_later(dead, sender, rid)
+        else:
+            self._rmpeer_answer(sender, rid, dead, *refused)
+
+    def _rmpeer_refused(self, dead: str) -> tuple[dict[str, Any], str] | None:
+        """None if we are the heir and may take `dead` over; else (result, error)."""
         heir = self.heir_for(dead)
         if dead in self.ring.removed and dead not in self.ring.peers():
-            self._send(sender, {"t": "rmpeer-done", "id": rid, "moved": 0, "n": dead,
-                                "heir": self.ring.removed[dead], "err": ""})
-        elif heir != self.name:
-            self._send(sender, {"t": "rmpeer-done", "id": rid, "moved": 0, "n": dead,
-                                "heir": heir, "err": f"peer {self.name} computes heir {heir}; "
-                                "wait for the ring to settle and retry"})
-        elif dead in self.reachable():
-            self._send(sender, {"t": "rmpeer-done", "id": rid, "moved": 0, "n": dead,
-                                "heir": heir, "err": f"peer {dead} is reachable from {heir}"})
+            return {"moved": 0, "peer": dead, "heir": self.ring.removed[dead]}, ""
+        if heir != self.name:
+            return {"moved": 0, "peer": dead, "heir": heir}, (
+                f"peer {self.name} computes heir {heir}; wait for the ring to settle and retry")
+        if dead in self.reachable():
+            return {"moved": 0, "peer": dead, "heir": heir}, \
+                f"peer {dead} is reachable from {heir}"
+        return None
+
+    def _rmpeer_answer(self, sender: str | None, rid: int, dead: str, res: dict[str, Any],
+                       err: str) -> None:
+        if sender is None:  # our own request
+            if err:
+                self._fail(rid, "conflict", err)
+            else:
+                self._reply(rid, res)
         else:
-            res = self._take_over(dead)
-            self._send(sender, {"t": "rmpeer-done", "id": rid, "moved": res["moved"], "n": dead,
-                                "heir": self.name, "err": ""})
+            self._send(sender, {"t": "rmpeer-done", "id": rid, "moved": res["moved"],
+                                "n": dead, "heir": res["heir"], "err": err})
+
+    def _take_over_later(self, dead: str, sender: str | None, rid: int) -> None:
+        """Take over once every reachable peer sent its ring: `dead` may have given space
+        to a peer while we could not hear it, and we must not take that piece too."""
+        until, callers = self.takeovers.get(dead, (self.now + TAKEOVER_WAIT, []))
+        self.takeovers[dead] = (until, [*callers, (sender, rid)])
+        self._poll()
+        self._polled()  # nobody to ask: at once
+
+    def _poll(self) -> None:
+        """Ask every reachable peer for its full ring, even an empty one (an answer)."""
+        self.polling = set(self.reachable())
+        self.next_poll = self.now + 1.0
+        for p in sorted(self.polling):
+            self._send(p, {"t": "ring?", "all": True})
+
+    def _polled(self) -> None:
+        """Do what waited for the poll, once every peer answered or its time is up."""
+        done = not (self.polling & self.reachable())
+        vetted = done and self.heir_for(self.name) not in self.polling
+        if self.vetting and (vetted or self.now >= self.sync_deadline):
+            self.vetting = False
+            self.synced = True
+            for p in list(self.pending):
+                self._retry(p)
+        for dead, (until, callers) in list(self.takeovers.items()):
+            if done or self.now >= until:
+                del self.takeovers[dead]
+                res, err = self._rmpeer_refused(dead) or (self._take_over(dead), "")
+                for i, (sender, rid) in enumerate(callers):
+                    # one takeover: to later callers it was done already (moved nothing)
+                    self._rmpeer_answer(sender, rid, dead, {**res, "moved": 0} if i else res,
+                                        err)
+        if not (self.vetting or self.takeovers):
+            self.polling.clear()
 
     def _on_rmpeer_done(self, msg: dict[str, Any]) -> str | None:
         i, moved, heir, err, n = (msg.get(k) for k in ("id", "moved", "heir", "err", "n"))
@@ -940,6 +1029,12 @@ class Allocator:
                            "rmpeer it first")
         if self.split and now - self.split[2] > SPLIT_FORGET:
             self.split = None
+        if self.polling and now >= self.next_poll:
+            self.next_poll = now + 1.0  # a request or answer may have been lost
+            for peer in sorted(self.polling & self.reachable()):
+                self._send(peer, {"t": "ring?", "all": True})
+        if self.vetting or self.takeovers:
+            self._polled()
         if (self.ring.is_empty() or not self.synced) and now >= self.next_ring_ask:
             # restarted or new: ask one live peer for its ring rather than wait for gossip
             self.next_ring_ask = now + 1.0
