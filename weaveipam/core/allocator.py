@@ -811,6 +811,9 @@ class Allocator:
             # ring: only a full ring from an in-sync peer puts us in sync
             self.synced = False
             self.sync_deadline = self.now + SYNC_GRACE
+            if not full:  # most likely a peer that just seeded: ask it now, not next second
+                self.next_ring_ask = self.now + 1.0
+                self._send(sender, {"t": "ring?"})
         elif full and not self.synced and not self.vetting and (
                 ok or self.now >= self.sync_deadline):
             # in sync once a peer that is itself in sync sent its ring; if none is (the
