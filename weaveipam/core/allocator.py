@@ -40,6 +40,7 @@ ANTI_ENTROPY = 3.0        # digest exchange with one random peer
 SPLIT_FORGET = 30.0
 AUTO_PRIME_AFTER = 5.0
 SYNC_GRACE = 10.0         # after a restart with no in-sync peer, trust merged rings
+RING_ASK_RETRY = 0.25     # not in sync, answered by a peer that is not either: ask again
 TAKEOVER_WAIT = 2.0       # rmpeer heir: longest wait for every peer's ring before acting
 MAX_IDENT = 256
 # Send(dest=None) is push gossip: the shell delivers it to at most this many random direct
@@ -273,6 +274,10 @@ class Allocator:
         self.out.append(Persist(rec))
 
     def _persist_ring(self) -> None:
+        if self.vetting or not (self.vetted or self.restored):
+            # a fresh peer keeps its ring off disk until vetted: restored after a crash, a
+            # ring naming us would count as our own data and skip the vetting
+            return
         self._persist(SetRing(msgpack.packb(self.ring.to_wire(), use_bin_type=True)))
 
     # ---- outputs -------------------------------------------------------------------------
@@ -335,6 +340,12 @@ class Allocator:
                     "is the cluster size on every node")
         if s == "awaiting-ring":
             return "observer: waiting for a peer that has a ring; connect this node to one"
+        if s == "rejoining" and self.vetting:
+            heir = self.heir_for(self.name)
+            if heir in self.polling:
+                return (f"rejoined fresh with ranges under our name: waiting to hear peer "
+                        f"{heir}, which would have taken them over (if it is gone for good, "
+                        f"run `weaveipam rmpeer {heir}`)")
         if s == "rejoining":
             return "restarted: waiting to hear the ring from any peer before allocating"
         if s == "waiting-for-space":
@@ -819,6 +830,10 @@ class Allocator:
             # in sync once a peer that is itself in sync sent its ring; if none is (the
             # whole cluster restarted), after a grace period with what we merged
             self.synced = newly_synced = True
+        elif full and not ok and not self.synced:
+            # that peer is catching up too (common while a new ring spreads): try another
+            # soon rather than in a second
+            self.next_ring_ask = min(self.next_ring_ask, self.now + RING_ASK_RETRY)
         if self.synced and not self.vetted:
             self.vetted = True
             if not self.restored and self.ring.owned_by(self.name):
@@ -826,10 +841,11 @@ class Allocator:
                 # which this peer may not have heard of yet; hear every peer first
                 self.synced = newly_synced = False
                 self.vetting = True
-                self.sync_deadline = self.now + SYNC_GRACE
                 self._poll()
                 # our heir would know best, even if a partition hides it now
                 self.polling.add(self.heir_for(self.name))
+            else:
+                self._persist_ring()
         if ae and self.ring.digest() != r.digest():
             self._send(sender, self._full_ring())
         if not res and not was_empty and not newly_synced:
@@ -979,10 +995,13 @@ class Allocator:
     def _polled(self) -> None:
         """Do what waited for the poll, once every peer answered or its time is up."""
         done = not (self.polling & self.reachable())
+        # no deadline: while our heir is unheard it may have taken our ranges over (a
+        # partition kept the news from the others); only a ring naming another heir ends it
         vetted = done and self.heir_for(self.name) not in self.polling
-        if self.vetting and (vetted or self.now >= self.sync_deadline):
+        if self.vetting and vetted:
             self.vetting = False
             self.synced = True
+            self._persist_ring()
             for p in list(self.pending):
                 self._retry(p)
         for dead, (until, callers) in list(self.takeovers.items()):
