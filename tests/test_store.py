@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -256,6 +257,46 @@ async def test_failed_batch_fails_exactly_its_callers(
     await store.commit([PutAllocation("later", 3)])  # the writer survived
     assert store.load().allocations == {"plug": {1: ""}, "later": {3: ""}}
     assert store.transactions == 2
+
+
+async def test_commits_queued_behind_a_reader_are_not_stranded(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader that takes the database between two transactions must start the next one:
+    the writer's own hand-over finds the database busy and leaves it to whoever holds it."""
+    entered, release = threading.Event(), threading.Event()
+    real_end = store._end
+    calls = 0
+
+    def gated_end(conn: sqlite3.Connection, seq: int, n: int) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            entered.set()
+            assert release.wait(5)
+        real_end(conn, seq, n)
+
+    real_conn = store._require_conn
+
+    def slow_reader_conn() -> sqlite3.Connection:
+        if threading.current_thread().name == "reader":
+            time.sleep(0.2)  # holds the database while the writer's hand-over runs
+        return real_conn()
+
+    monkeypatch.setattr(store, "_end", gated_end)
+    monkeypatch.setattr(store, "_require_conn", slow_reader_conn)
+    first = asyncio.create_task(store.commit([PutAllocation("first", 1)]))
+    assert await asyncio.to_thread(entered.wait, 5)
+    second = asyncio.create_task(store.commit([PutAllocation("second", 2)]))
+    await asyncio.sleep(0.01)  # queued behind the COMMIT in flight
+    reader = threading.Thread(target=store.load, name="reader")
+    reader.start()  # waits for the database
+    await asyncio.sleep(0.01)
+    release.set()
+    time.sleep(0.1)  # the loop is busy: the reader takes the database before the hand-over
+    await asyncio.wait_for(asyncio.gather(first, second), 5)
+    reader.join(5)
+    assert store.load().allocations == {"first": {1: ""}, "second": {2: ""}}
 
 
 async def test_write_failure_reports_and_recovers(store: Store) -> None:
