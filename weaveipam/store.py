@@ -85,7 +85,7 @@ class _Pending:
 class _Batch:
     """A transaction `_kick` began, for the writer thread to COMMIT."""
 
-    batch: list[_Pending]
+    callers: list[_Pending]
     seq: int  # the ordering counter before it, restored if the COMMIT fails
     n: int
 
@@ -488,27 +488,31 @@ class Store:
         to the writer thread.
         """
         while self._waiting and self._db_lock.acquire(blocking=False):
-            with self._state_lock:
-                batch, self._waiting = self._waiting, []
+            batch, records = self._take_waiting()
             if not batch:  # another kick took them meanwhile
                 self._db_lock.release()
                 continue
-            records = [rec for p in batch for rec in p.records]
             if not records:  # only barriers: everything before them is durable
                 self._db_lock.release()
-                self._settle(batch, None)
+                self._resolve(batch, None)
                 continue
             try:
                 conn = self._require_conn()
                 seq, n = self._begin(conn, records)
             except BaseException as e:
                 self._db_lock.release()
-                self._settle(batch, e)
+                self._resolve(batch, e)
                 if not isinstance(e, Exception):
                     raise
                 continue
             self._queue.put(_Batch(batch, seq, n))  # the writer releases _db_lock
             return
+
+    def _take_waiting(self) -> tuple[list[_Pending], list[Record]]:
+        """Every commit() call not yet in a transaction, and their records in order."""
+        with self._state_lock:
+            batch, self._waiting = self._waiting, []
+        return batch, [rec for p in batch for rec in p.records]
 
     def _writer_main(self) -> None:
         """Writer thread: COMMIT each transaction `_kick` began, then kick the next."""
@@ -523,7 +527,7 @@ class Store:
                 err = e
             finally:
                 self._db_lock.release()
-            self._settle(item.batch, err)
+            self._resolve(item.callers, err)
             with self._state_lock:
                 loop = self._waiting[0].loop if self._waiting else None
             if loop is not None:
@@ -533,7 +537,8 @@ class Store:
                 except RuntimeError:
                     self._kick()  # that loop is closed: do it here rather than strand it
 
-    def _settle(self, batch: list[_Pending], err: BaseException | None) -> None:
+    def _resolve(self, batch: list[_Pending], err: BaseException | None) -> None:
+        """Tell each caller of a transaction how it ended, on the caller's own loop."""
         for p in batch:
             # one exception object per caller: they are raised in separate tasks
             mine: BaseException | None = None
@@ -549,7 +554,6 @@ class Store:
                 p.loop.call_soon_threadsafe(_settle, p.future, mine)
             except RuntimeError:
                 pass  # that caller's loop is closed; nobody is waiting any more
-
 
     def wipe(self) -> None:
         """Forget everything durably, keeping an empty store of the current schema.
@@ -590,20 +594,18 @@ class Store:
                 return
             self._closed = True  # later commit() calls are refused
             writer = self._writer
-        while True:  # commit what is still waiting here: its loop may be the one blocked
-            with self._db_lock:  # waits for a transaction in flight
-                with self._state_lock:
-                    batch, self._waiting = self._waiting, []
-                if not batch:
-                    break
-                err: BaseException | None = None
-                try:
-                    conn = self._require_conn()
-                    seq, n = self._begin(conn, [r for p in batch for r in p.records])
-                    self._end(conn, seq, n)
-                except Exception as e:
-                    err = e
-            self._settle(batch, err)
+        # Commit what is still waiting here: its loop may be the one blocked in close().
+        # Nothing new arrives once closed, and _write waits for a transaction in flight.
+        while True:
+            batch, records = self._take_waiting()
+            if not batch:
+                break
+            err: BaseException | None = None
+            try:
+                self._write(records)
+            except Exception as e:
+                err = e
+            self._resolve(batch, err)
         if writer is not None:
             self._queue.put(_STOP)
             if writer is not threading.current_thread():
@@ -612,7 +614,6 @@ class Store:
             if self._conn is not None:
                 self._conn.close()  # last connection: sqlite checkpoints the WAL
                 self._conn = None
-
 
     async def aclose(self) -> None:
         """`close` without blocking the event loop while the queue drains."""

@@ -367,13 +367,11 @@ class Allocator:
         self.peers.setdefault(name, PeerView())
         if up:
             self._reach.add(name)
-            if name in self.takeovers:
+            refused = self._rmpeer_refused(name) if name in self.takeovers else None
+            if refused is not None:
                 # back while we waited to take it over: it is not gone, even if a
                 # partition hides it again before the wait ends
-                for sender, rid in self.takeovers.pop(name)[1]:
-                    self._rmpeer_answer(sender, rid, name,
-                                        {"moved": 0, "peer": name, "heir": self.name},
-                                        f"peer {name} is reachable from {self.name}")
+                self._answer_takeover(name, self.takeovers.pop(name)[1], *refused)
         else:
             self._reach.discard(name)
 
@@ -993,7 +991,8 @@ class Allocator:
             self._send(p, {"t": "ring?", "all": True})
 
     def _polled(self) -> None:
-        """Do what waited for the poll, once every peer answered or its time is up."""
+        """Do what waited for the poll: vetting once every peer and our heir answered,
+        a takeover once every reachable peer answered or TAKEOVER_WAIT is up."""
         done = not (self.polling & self.reachable())
         # no deadline: while our heir is unheard it may have taken our ranges over (a
         # partition kept the news from the others); only a ring naming another heir ends it
@@ -1007,13 +1006,16 @@ class Allocator:
         for dead, (until, callers) in list(self.takeovers.items()):
             if done or self.now >= until:
                 del self.takeovers[dead]
-                res, err = self._rmpeer_refused(dead) or (self._take_over(dead), "")
-                for i, (sender, rid) in enumerate(callers):
-                    # one takeover: to later callers it was done already (moved nothing)
-                    self._rmpeer_answer(sender, rid, dead, {**res, "moved": 0} if i else res,
-                                        err)
+                self._answer_takeover(dead, callers, *(self._rmpeer_refused(dead)
+                                                       or (self._take_over(dead), "")))
         if not (self.vetting or self.takeovers):
             self.polling.clear()
+
+    def _answer_takeover(self, dead: str, callers: list[tuple[str | None, int]],
+                         res: dict[str, Any], err: str) -> None:
+        for i, (sender, rid) in enumerate(callers):
+            # one takeover: to later callers it was done already (moved nothing)
+            self._rmpeer_answer(sender, rid, dead, {**res, "moved": 0} if i else res, err)
 
     def _on_rmpeer_done(self, msg: dict[str, Any]) -> str | None:
         i, moved, heir, err, n = (msg.get(k) for k in ("id", "moved", "heir", "err", "n"))
