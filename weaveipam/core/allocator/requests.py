@@ -1,0 +1,197 @@
+"""Serving allocate, claim and release from our space, and trading space with peers."""
+
+from __future__ import annotations
+
+from ..addr import CIDR, Range
+from ..records import DelAllocation, PutAllocation
+from .base import MAX_IDENT, SPACE_RETRY, AllocatorBase, _Pending
+from .interface import Allocate, Claim, Release, Request
+
+
+class Requests(AllocatorBase):
+    def _check(self, req: Request) -> str | None:
+        ident = getattr(req, "ident", None)
+        if ident is not None and (not isinstance(ident, str) or not 0 < len(ident) <= MAX_IDENT
+                                  or not ident.isprintable()):
+            return f"identifier must be 1..{MAX_IDENT} printable characters"
+        if isinstance(req, Allocate) and req.subnet is not None:
+            if not self.universe.contains_cidr(req.subnet):
+                return (f"subnet {req.subnet} is not inside the allocation range "
+                        f"{self.universe}")
+        if isinstance(req, Claim) and req.addr not in self.universe:
+            return (f"address {self._fmt(req.addr)} is not inside the allocation range "
+                    f"{self.universe}")
+        if isinstance(req, Release) and req.addr is not None and req.addr not in self.universe:
+            return f"address {self._fmt(req.addr)} is not inside the range {self.universe}"
+        return None
+
+    def _try(self, p: _Pending) -> bool:
+        """Serve a pending allocate/claim if we can now; False if it must wait."""
+        req = p.req
+        if self.split or self.fault:
+            self._fail(p.rid, "unavailable", self.state_text())
+            return True
+        if self.ring.is_empty() or not self.synced:
+            return False
+        if isinstance(req, Claim):
+            return self._claim(p, req)
+        assert isinstance(req, Allocate)
+        window = self._window(req.subnet)
+        have = self.allocs.get(req.ident, {})
+        for a in have:
+            if a in window:
+                self._reply(p.rid, a)  # repeated allocate: same answer, no second address
+                return True
+        nxt = self.space.next_free(window, self.cursor + 1)
+        if nxt is not None:
+            self._hold(req.ident, nxt, req.note)
+            self.cursor = nxt
+            self._reply(p.rid, nxt)
+            return True
+        return self._ask_for_space(p, window)
+
+    def _window(self, subnet: CIDR | None) -> Range:
+        """Addresses a plain allocation in `subnet` may get (cached: asked on every call)."""
+        w = self._windows.get(subnet)
+        if w is None:
+            if len(self._windows) > 256:  # subnets come from callers: keep it bounded
+                self._windows.clear()
+            w = self._windows[subnet] = (subnet or self.default_subnet).usable()
+        return w
+
+    def _claim(self, p: _Pending, req: Claim) -> bool:
+        held_by = self.holder.get(req.addr)
+        if held_by == req.ident:
+            self._reply(p.rid, req.addr)
+            return True
+        if held_by is not None:
+            self._fail(p.rid, "conflict",
+                       f"address {self._fmt(req.addr)} is held by {held_by!r}")
+            return True
+        if self.space.owns(req.addr):
+            self._hold(req.ident, req.addr, req.note)
+            self._reply(p.rid, req.addr)
+            return True
+        owner = self.ring.owner(req.addr)
+        self._fail(p.rid, "conflict",
+                   f"address {self._fmt(req.addr)} is in a range owned by peer {owner}; "
+                   "claim it on that peer's node, or allocate a new one")
+        return True
+
+    def _hold(self, ident: str, a: int, note: str) -> None:
+        self.space.take(a)
+        self.allocs.setdefault(ident, {})[a] = note
+        self.holder[a] = ident
+        self._persist(PutAllocation(ident, a, note))
+
+    def _release(self, rid: int, req: Release) -> None:
+        addrs = self.allocs.get(req.ident)
+        if not addrs or (req.addr is not None and req.addr not in addrs):
+            what = req.ident if req.addr is None else f"{self._fmt(req.addr)} of {req.ident}"
+            self._fail(rid, "not-found", f"nothing allocated for {what!r}")
+            return
+        gone = list(addrs) if req.addr is None else [req.addr]
+        for a in gone:
+            del addrs[a]
+            del self.holder[a]
+            self.space.free(a)
+            self._persist(DelAllocation(req.ident, a))
+        if not addrs:
+            del self.allocs[req.ident]
+        self._reply(rid, gone)
+        self._flush()
+
+    def _retry(self, p: _Pending) -> None:
+        if p in self.pending and self._try(p):
+            self.pending.remove(p)
+
+    def _donors(self, window: Range) -> dict[str, int]:
+        live = self.reachable()
+        return {p: f for p, f in self.ring.free_in(window, self.name).items() if p in live}
+
+    def _full(self, window: Range) -> bool:
+        """True when the ring says nobody, reachable or not, has a free address in window."""
+        if not self.synced or self.ring.is_empty():
+            return False
+        for s, e, v in self.ring.iter_ranges():
+            if v[1] and v[1] != self.name and Range(s, e).overlaps(window):
+                if v[1] not in self.reachable() or v[2] > 0:
+                    return False
+        return True
+
+    def _no_space_reason(self, window: Range) -> str:
+        owners = {v[1] for s, e, v in self.ring.iter_ranges()
+                  if v[1] and Range(s, e).overlaps(window) and v[1] != self.name}
+        dead = sorted(owners - self.reachable())
+        if dead:
+            return ("no free address here, and these peers that own part of it are "
+                    f"unreachable: {', '.join(dead)} (if they are gone for good, run "
+                    "`weaveipam rmpeer NAME` for each)")
+        return "no free address in the subnet on any reachable peer: the range is full"
+
+    def _ask_for_space(self, p: _Pending, window: Range) -> bool:
+        """Ask a donor for space; True if instead the request was answered (range full)."""
+        recent = [d for d, t in p.asked.items() if self.now - t < SPACE_RETRY]
+        if recent:
+            return False
+        donors = self._donors(window)
+        if not donors and self._full(window):
+            # no peer reports free space and none that owns part of it is unreachable:
+            # waiting cannot help, so say so now (a CNI ADD must not hang for 30 s)
+            self._fail(p.rid, "unavailable", self._no_space_reason(window))
+            return True
+        for d in list(donors):
+            if d in p.asked and self.now - p.asked[d] < SPACE_RETRY * 4:
+                donors.pop(d)
+        if not donors:
+            return False
+        names = sorted(donors)
+        d = self.rng.choices(names, weights=[donors[n] for n in names])[0]
+        p.asked[d] = self.now
+        # "rj": we know we were removed once and rejoined fresh; without it a donor that
+        # knows of our removal takes us for the old incarnation returning with stale data
+        self._send(d, {"t": "space?", "w": [window.start - self.universe.start,
+                                            window.end - self.universe.start],
+                       "rj": self.known_removed})
+        return False
+
+    def _donate(self, to: str, window: Range) -> None:
+        piece = self.space.donation(window)
+        if piece is None:
+            # nothing here: tell them our true free counts so they ask someone else
+            changed = self._report_free(exact=True)
+            toks = changed or [o.start for o in self.ring.owned_by(self.name)]
+            if toks:
+                self._send(to, {"t": "ring", "full": False, "ring": self.ring.to_wire(toks)})
+            return
+        changed = self.ring.grant(piece.start, piece.end, to, self.name, piece.size)
+        self._owned_changed()
+        for t in changed:
+            if self.ring.entries[t][1] == self.name:
+                self.ring.set_free(t, self.space.free_of(t))
+        self._persist_ring()
+        self._send(to, {"t": "ring", "full": False, "ring": self.ring.to_wire(changed)})
+        self.dirty.update(changed)
+        self.urgent = True
+        self._event("info", f"gave {self._fmt(piece.start)}+{piece.size} to {to}")
+
+    def _owned_changed(self) -> None:
+        self.space.set_owned([Range(o.start, o.end) for o in self.ring.owned_by(self.name)])
+
+    def _report_free(self, exact: bool = False) -> list[int]:
+        """Refresh the free counts others see for our entries.
+
+        Counts are hints for choosing donors, so small drifts are not gossiped: only an
+        entry that ran out, or moved by 1/16, costs a message (Weave #682).
+        """
+        changed = []
+        for r in self.space.owned():
+            free = self.space.free_of(r.start)
+            old = self.ring.entries[r.start][2]
+            if old == free or (not exact and free and abs(free - old) * 16 < old):
+                continue
+            if self.ring.set_free(r.start, free):
+                changed.append(r.start)
+        self.dirty.update(changed)
+        return changed
+

@@ -1,0 +1,241 @@
+"""Peers' rings and liveness: merging, restarts and the checks before trusting a ring."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from ..addr import Range
+from ..paxos import Paxos
+from ..records import SetIdentity, Snapshot
+from ..ring import Ring, RingError, valid_name
+from .base import RING_ASK_RETRY, SYNC_GRACE, PeerView
+from .takeover import Takeover
+
+
+class RingSync(Takeover):
+    def _restore(self, snap: Snapshot | None) -> None:
+        if snap is None or snap.name is None:
+            self._persist(SetIdentity(self.name, str(self.universe)))
+        else:
+            if snap.name != self.name or snap.universe != str(self.universe):
+                raise ValueError(
+                    f"state belongs to peer {snap.name} with range {snap.universe}, "
+                    f"not {self.name} with {self.universe}")
+            if snap.ring is not None:
+                r = Ring.from_wire(msgpack.unpackb(snap.ring, raw=False), self.universe)
+                if isinstance(r, RingError):
+                    raise ValueError(f"stored ring is unreadable: {r.message}")
+                self.ring = r
+            if snap.paxos is not None and self.paxos is not None:
+                c = Paxos.decode(msgpack.unpackb(snap.paxos, raw=False))
+                if isinstance(c, dict):
+                    self.paxos.update(c)
+            for ident, addrs in snap.allocations.items():
+                for a, note in addrs.items():
+                    self.allocs.setdefault(ident, {})[a] = note
+                    self.holder[a] = ident
+                    self.space.take(a)
+                    self.cursor = a
+            self._owned_changed()
+            # Until we hear from a peer, our ring may be stale (ranges taken by rmpeer).
+            self.synced = set(self.ring.peers()) <= {self.name}
+            self.restored = not self.ring.is_empty()
+            self.known_removed = self.name in self.ring.removed
+            self.removal_accepted = self.known_removed  # rejoined fresh after a removal
+        if self.init.kind == "seed" and self.ring.is_empty():
+            self._seed(self.init.seeds)
+
+    def peer_up(self, name: str, nickname: str, now: float) -> None:
+        self.now = now
+        if name == self.name:
+            return
+        self._set_reachable(name, True)
+        self.peers[name].nickname = nickname
+        if self.vetting or self.takeovers:
+            self.polling.add(name)  # it may know what the others did not
+            self._send(name, {"t": "ring?", "all": True})
+        # With a ring, say nothing: a new peer asks one of us for it (tick), and anti-entropy
+        # covers the rest; answering every peer_up would cost O(peers) rings per join.
+        if self.ring.is_empty() and self.paxos is not None and self.paxos.active():
+            self._send(name, {"t": "paxos", "c": Paxos.encode(self.paxos.claims)})
+        for p in list(self.pending):
+            self._retry(p)
+        self._flush()
+
+    def peer_down(self, name: str, now: float) -> None:
+        self.now = now
+        if name in self.peers:
+            self._set_reachable(name, False)
+
+    def _set_reachable(self, name: str, up: bool) -> None:
+        self.peers.setdefault(name, PeerView())
+        if up:
+            self._reach.add(name)
+            refused = self._rmpeer_refused(name) if name in self.takeovers else None
+            if refused is not None:
+                # back while we waited to take it over: it is not gone, even if a
+                # partition hides it again before the wait ends
+                self._answer_takeover(name, self.takeovers.pop(name)[1], *refused)
+        else:
+            self._reach.discard(name)
+
+    def duplicate_name(self, uid_text: str) -> None:
+        """The shell saw another peer using our name (a cloned machine: Weave #2606)."""
+        self.fault = "duplicate-name"
+        self.fault_text = (f"another peer uses this peer's name {self.name} ({uid_text}); "
+                           "names must be unique: give each node its own --name, or delete "
+                           "the cloned data dir")
+        for p in self.pending:
+            self._fail(p.rid, "unavailable", self.fault_text)
+        self.pending.clear()
+
+    def receive(self, sender: str, msg: Any, now: float) -> None:
+        """Handle a peer's message; a malformed one is logged and changes nothing."""
+        self.now = now
+        if self.fault == "duplicate-name":
+            return
+        if not valid_name(sender):
+            self._event("warning", "message from a peer with an invalid name ignored")
+            return
+        if sender not in self._reach:
+            self._set_reachable(sender, True)
+        err = self._dispatch(sender, msg)
+        if err:
+            self._event("warning", f"bad message from {sender}: {err}")
+        self._flush()
+
+    def _dispatch(self, sender: str, msg: Any) -> str | None:
+        if not isinstance(msg, dict) or not isinstance(msg.get("t"), str):
+            return "not a message map with a type"
+        t = msg["t"]
+        if t == "ring":
+            if not isinstance(msg.get("full"), bool):
+                return "ring message without 'full'"
+            r = Ring.from_wire(msg.get("ring"), self.universe)
+            if isinstance(r, RingError):
+                return r.message
+            err = None
+            if not r.is_empty():  # empty: a polled peer that has no ring yet
+                err = self._merge(sender, r, bool(msg["full"]), bool(msg.get("ae", False)),
+                                  msg.get("ok", True) is True)
+            if msg["full"] and sender in self.polling:
+                self.polling.discard(sender)
+                self._polled()
+            return err
+        if t == "paxos":
+            return self._on_paxos(sender, msg.get("c"))
+        if t == "space?":
+            w = msg.get("w")
+            if not (isinstance(w, list) and len(w) == 2 and all(type(x) is int for x in w)
+                    and 0 <= w[0] < w[1] <= self.universe.size):
+                return "space request with a bad window"
+            if sender in self.ring.removed and msg.get("rj") is not True:
+                # a removed peer back with old data: no space; our ring tells it why
+                self._send(sender, self._full_ring())
+            elif not self.ring.is_empty() and self.synced and not self.fault:
+                u = self.universe.start
+                self._donate(sender, Range(u + w[0], u + w[1]))
+            return None
+        if t == "digest":
+            d = msg.get("d")
+            if type(d) is not int:
+                return "digest without an integer"
+            if not self.ring.is_empty() and d != self.ring.digest():
+                self._send(sender, self._full_ring(ae=True))
+            elif self.ring.is_empty() and d != 0 and self.now >= self.next_ring_ask:
+                self.next_ring_ask = self.now + 1.0
+                self._send(sender, {"t": "ring?"})
+            return None
+        if t == "ring?":
+            if not self.ring.is_empty() or msg.get("all") is True:
+                self._send(sender, self._full_ring())
+            return None
+        if t == "rmpeer":
+            n, i = msg.get("n"), msg.get("id")
+            if not isinstance(n, str) or not valid_name(n) or type(i) is not int:
+                return "rmpeer request malformed"
+            self._on_rmpeer(sender, n, i)
+            return None
+        if t == "rmpeer-done":
+            return self._on_rmpeer_done(msg)
+        return f"unknown message type {t[:32]!r}"
+
+    def _merge(self, sender: str, r: Ring, full: bool, ae: bool, ok: bool) -> str | None:
+        was_empty = self.ring.is_empty()
+        res = self.ring.merge(r)
+        if isinstance(res, RingError):
+            if res.kind == "seeds":
+                if self.split is None:
+                    self._event("error", res.message)
+                self.split = (sender, ",".join(r.seeds), self.now)
+                return None
+            if res.kind == "unseeded":
+                self._send(sender, {"t": "ring?"})
+                return None
+            return res.message
+        newly_synced = False
+        if was_empty and not (full and ok):
+            # a delta, or a peer not in sync itself, may relay a restarted peer's stale
+            # ring: only a full ring from an in-sync peer puts us in sync
+            self.synced = False
+            self.sync_deadline = self.now + SYNC_GRACE
+            if not full:  # most likely a peer that just seeded: ask it now, not next second
+                self.next_ring_ask = self.now + 1.0
+                self._send(sender, {"t": "ring?"})
+        elif full and not self.synced and not self.vetting and (
+                ok or self.now >= self.sync_deadline):
+            # in sync once a peer that is itself in sync sent its ring; if none is (the
+            # whole cluster restarted), after a grace period with what we merged
+            self.synced = newly_synced = True
+        elif full and not ok and not self.synced:
+            # that peer is catching up too (common while a new ring spreads): try another
+            # soon rather than in a second
+            self.next_ring_ask = min(self.next_ring_ask, self.now + RING_ASK_RETRY)
+        if self.synced and not self.vetted:
+            self.vetted = True
+            if not self.restored and self.ring.owned_by(self.name):
+                # fresh state, yet ranges under our name: an earlier us that was removed,
+                # which this peer may not have heard of yet; hear every peer first
+                self.synced = newly_synced = False
+                self.vetting = True
+                self._poll()
+                # our heir would know best, even if a partition hides it now
+                self.polling.add(self.heir_for(self.name))
+            else:
+                self._persist_ring()
+        if ae and self.ring.digest() != r.digest():
+            self._send(sender, self._full_ring())
+        if not res and not was_empty and not newly_synced:
+            return None
+        self.dirty.update(res)
+        if res:
+            self.last_change = self.now
+        before = self.space.owned_size()
+        me = self.name
+        if was_empty or any(self.ring.entries[t][1] == me or self.space.owns(t) for t in res):
+            self._owned_changed()  # only changes at or inside our ranges can move them
+        if self.name in self.ring.removed and not self.known_removed:
+            # fresh (reset) state: the removal is history, carry on under the same name;
+            # restored old data: its ranges are the heir's now, refuse to work
+            self.known_removed = True
+        if self.name in self.ring.removed and self.restored and not self.fault and \
+                not self.removal_accepted:
+            heir = self.ring.removed[self.name]
+            self.fault = "removed"
+            self.fault_text = (f"this peer was removed with rmpeer; its ranges now belong to "
+                               f"{heir}. Run `weaveipam reset` on this host to rejoin with "
+                               "fresh state (its pods need new addresses)")
+            self._event("error", self.fault_text)
+            for p in self.pending:  # waiting work must not complete from stale ranges
+                self._fail(p.rid, "unavailable", self.fault_text)
+            self.pending.clear()
+        if was_empty or self.space.owned_size() != before:
+            self._persist_ring()
+        if was_empty:
+            self._event("info", f"joined ring seeded by {','.join(self.ring.seeds)}")
+        for p in list(self.pending):
+            self._retry(p)
+        return None
+

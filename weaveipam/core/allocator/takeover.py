@@ -1,0 +1,185 @@
+"""rmpeer and reset: who inherits a removed peer's ranges, and the polls before acting."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..records import ClearAllocations
+from ..ring import valid_name
+from ..space import Space
+from .base import TAKEOVER_WAIT, _Pending
+from .interface import RmPeer
+from .seeding import Seeding
+
+
+class Takeover(Seeding):
+    def resolve_peer(self, text: str) -> str | None:
+        if text in self.ring.peers() or text in self.peers or text in self.ring.removed:
+            return text
+        for n, p in self.peers.items():
+            if p.nickname == text:
+                return n
+        return None
+
+    def heir_for(self, dead: str) -> str:
+        """The one peer that takes a removed peer's ranges, the same whoever asks.
+
+        Chosen from the ring (shared, converged state), never "whoever ran rmpeer": two
+        rmpeers of one peer on two hosts then give its ranges to one heir (Weave #1949).
+        """
+        cands = sorted(set(self.ring.peers()) - set(self.ring.removed) - {dead})
+        if not cands:
+            cands = sorted((self.reachable() | {self.name}) - {dead})
+        after = [c for c in cands if c > dead]
+        return after[0] if after else cands[0]
+
+    def _rmpeer(self, rid: int, text: str) -> None:
+        dead = self.resolve_peer(text)
+        if dead is None:
+            self._fail(rid, "not-found", f"no peer named {text!r} is known")
+            return
+        if dead == self.name:
+            self._fail(rid, "bad-request", "cannot rmpeer this peer itself; use "
+                       "`weaveipam reset` here to hand its ranges away")
+            return
+        if dead in self.ring.removed and dead not in self.ring.peers():
+            self._reply(rid, {"moved": 0, "peer": dead, "heir": self.ring.removed[dead],
+                              "already": True})
+            return
+        if dead in self.reachable():
+            self._fail(rid, "conflict", f"peer {dead} is reachable; stop it (or run "
+                       "`weaveipam reset` on it) before removing it")
+            return
+        heir = self.heir_for(dead)
+        if heir == self.name:
+            self._take_over_later(dead, None, rid)
+            self._flush()
+            return
+        self.rm_pending[rid] = _Pending(rid, RmPeer(dead), self.now + self.op_timeout)
+        self._send(heir, {"t": "rmpeer", "n": dead, "id": rid})
+
+    def _take_over(self, dead: str) -> dict[str, Any]:
+        moved, changed = self.ring.transfer(dead, self.name)
+        self.ring.mark_removed(dead, self.name)
+        self._owned_changed()
+        self._persist_ring()
+        self.dirty.update(changed)
+        self.dirty.add(self.universe.start)  # any entry carries the removed marker
+        self.urgent = True
+        self._event("warning", f"{moved} IPs taken over from {dead}")
+        for p in list(self.pending):
+            self._retry(p)
+        return {"moved": moved, "peer": dead, "heir": self.name}
+
+    def _leave(self, rid: int) -> None:
+        live = sorted(self.reachable())
+        mine = self.ring.owned_by(self.name)
+        if mine and not live and set(self.ring.peers()) != {self.name}:
+            self._fail(rid, "unavailable", "no reachable peer to hand our ranges to; "
+                       "connect to a peer first, or delete the data dir if the whole "
+                       "cluster is going away")
+            return
+        moved = 0
+        if mine and live:
+            heir = live[0]
+            moved, changed = self.ring.transfer(self.name, heir)
+            self.dirty.update(changed)
+            self._persist_ring()
+            self._send(None, {"t": "ring", "full": False, "ring": self.ring.to_wire(changed)})
+        for p in self.pending:
+            self._fail(p.rid, "unavailable", "this peer is leaving (reset)")
+        self.pending.clear()
+        self.allocs.clear()
+        self.holder.clear()
+        self.space = Space()
+        self._persist(ClearAllocations())
+        self.left = True
+        self._reply(rid, {"moved": moved})
+
+    def _on_rmpeer(self, sender: str, dead: str, rid: int) -> None:
+        refused = self._rmpeer_refused(dead)
+        if refused is None:
+            self._take_over_later(dead, sender, rid)
+        else:
+            self._rmpeer_answer(sender, rid, dead, *refused)
+
+    def _rmpeer_refused(self, dead: str) -> tuple[dict[str, Any], str] | None:
+        """None if we are the heir and may take `dead` over; else (result, error)."""
+        heir = self.heir_for(dead)
+        if dead in self.ring.removed and dead not in self.ring.peers():
+            return {"moved": 0, "peer": dead, "heir": self.ring.removed[dead]}, ""
+        if heir != self.name:
+            return {"moved": 0, "peer": dead, "heir": heir}, (
+                f"peer {self.name} computes heir {heir}; wait for the ring to settle and retry")
+        if dead in self.reachable():
+            return {"moved": 0, "peer": dead, "heir": heir}, \
+                f"peer {dead} is reachable from {heir}"
+        return None
+
+    def _rmpeer_answer(self, sender: str | None, rid: int, dead: str, res: dict[str, Any],
+                       err: str) -> None:
+        if sender is None:  # our own request
+            if err:
+                self._fail(rid, "conflict", err)
+            else:
+                self._reply(rid, res)
+        else:
+            self._send(sender, {"t": "rmpeer-done", "id": rid, "moved": res["moved"],
+                                "n": dead, "heir": res["heir"], "err": err})
+
+    def _take_over_later(self, dead: str, sender: str | None, rid: int) -> None:
+        """Take over once every reachable peer sent its ring: `dead` may have given space
+        to a peer while we could not hear it, and we must not take that piece too."""
+        until, callers = self.takeovers.get(dead, (self.now + TAKEOVER_WAIT, []))
+        self.takeovers[dead] = (until, [*callers, (sender, rid)])
+        self._poll()
+        self._polled()  # nobody to ask: at once
+
+    def _poll(self) -> None:
+        """Ask every reachable peer for its full ring, even an empty one (an answer)."""
+        self.polling = set(self.reachable())
+        self.next_poll = self.now + 1.0
+        for p in sorted(self.polling):
+            self._send(p, {"t": "ring?", "all": True})
+
+    def _polled(self) -> None:
+        """Do what waited for the poll: vetting once every peer and our heir answered,
+        a takeover once every reachable peer answered or TAKEOVER_WAIT is up."""
+        done = not (self.polling & self.reachable())
+        # no deadline: while our heir is unheard it may have taken our ranges over (a
+        # partition kept the news from the others); only a ring naming another heir ends it
+        vetted = done and self.heir_for(self.name) not in self.polling
+        if self.vetting and vetted:
+            self.vetting = False
+            self.synced = True
+            self._persist_ring()
+            for p in list(self.pending):
+                self._retry(p)
+        for dead, (until, callers) in list(self.takeovers.items()):
+            if done or self.now >= until:
+                del self.takeovers[dead]
+                self._answer_takeover(dead, callers, *(self._rmpeer_refused(dead)
+                                                       or (self._take_over(dead), "")))
+        if not (self.vetting or self.takeovers):
+            self.polling.clear()
+
+    def _answer_takeover(self, dead: str, callers: list[tuple[str | None, int]],
+                         res: dict[str, Any], err: str) -> None:
+        for i, (sender, rid) in enumerate(callers):
+            # one takeover: to later callers it was done already (moved nothing)
+            self._rmpeer_answer(sender, rid, dead, {**res, "moved": 0} if i else res, err)
+
+    def _on_rmpeer_done(self, msg: dict[str, Any]) -> str | None:
+        i, moved, heir, err, n = (msg.get(k) for k in ("id", "moved", "heir", "err", "n"))
+        if type(i) is not int or type(moved) is not int or not valid_name(heir) \
+                or not isinstance(err, str) or not valid_name(n):
+            return "rmpeer reply malformed"
+        p = self.rm_pending.pop(i, None)
+        if p is None:
+            return None
+        if err:
+            self._fail(p.rid, "conflict", err[:500])
+        else:
+            self._reply(p.rid, {"moved": moved, "peer": n, "heir": heir})
+        return None
+
