@@ -174,8 +174,10 @@ class Api:
 
     async def leave(self, req: web.Request) -> web.Response:
         """Weave's reset: hand every range to a live peer; `?forget=true` also discards
-        this peer's state and stops the daemon once the answer is sent."""
-        res: dict[str, Any] = await self.d.call(Leave())
+        this peer's state and stops the daemon once the answer is sent.  Refused (409)
+        while addresses are allocated here, unless `?force=true`."""
+        force = req.query.get("force", "") in ("1", "true", "yes")
+        res: dict[str, Any] = await self.d.call(Leave(force=force))
         if req.query.get("forget", "") in ("1", "true", "yes"):
             self.d.wipe_on_exit = True
             self.d.request_stop()

@@ -225,10 +225,13 @@ def cmd_reset(args: argparse.Namespace) -> int:
     stops), or, with no daemon running, discard the store files in --data-dir."""
     c = _client(args)
     if c.reachable():
-        _, body = c.call("DELETE", "/peer?forget=true", accept_json=True)
-        moved = json.loads(body).get("moved", 0) if body else 0
-        print(f"handed {moved} IPs to other peers; the daemon is discarding its state "
-              "and stopping")
+        force = "&force=true" if args.force else ""
+        _, body = c.call("DELETE", f"/peer?forget=true{force}", accept_json=True)
+        res = json.loads(body) if body else {}
+        dropped = res.get("dropped", 0)
+        print(f"handed {res.get('moved', 0)} IPs to other peers"
+              + (f", dropped {dropped} allocations" if dropped else "")
+              + "; the daemon is discarding its state and stopping")
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and c.reachable():
             time.sleep(0.1)
@@ -236,10 +239,11 @@ def cmd_reset(args: argparse.Namespace) -> int:
     if not args.data_dir and not _env("WEAVEIPAM_DATA_DIR"):
         _die(f"no daemon answers at {c.where()}; to discard a stopped peer's state give "
              "its --data-dir", EXIT_UNREACHABLE)
-    return _discard(Path(args.data_dir or _env("WEAVEIPAM_DATA_DIR") or DEFAULT_DATA_DIR))
+    return _discard(Path(args.data_dir or _env("WEAVEIPAM_DATA_DIR") or DEFAULT_DATA_DIR),
+                    args.force)
 
 
-def _discard(data_dir: Path) -> int:
+def _discard(data_dir: Path, force: bool) -> int:
     import fcntl
 
     from .daemon import LOCK_FILE, STORE_FILE
@@ -260,11 +264,29 @@ def _discard(data_dir: Path) -> int:
         finally:
             os.close(fd)
     try:
+        if not force:
+            held = _held_offline(store)
+            if held:
+                _die(f"{held} addresses are still recorded as allocated in {store}; their "
+                     "pods may still use them. Release them first, or run `weaveipam reset "
+                     "--force` once they are gone (the addresses may be handed out again)",
+                     EXIT_REFUSED)
         discard_files(store)
     except StoreError as e:
         _die(str(e))
     print(f"discarded the state in {store}")
     return EXIT_OK
+
+
+def _held_offline(store_path: Path) -> int:
+    """Allocations recorded in a stopped daemon's store."""
+    from .store import Store
+
+    s = Store(store_path)
+    try:
+        return sum(len(a) for a in s.load().allocations.values())
+    finally:
+        s.close()
 
 
 # ---- daemon ------------------------------------------------------------------------------
@@ -453,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prime)
     p = sub.add_parser("reset", parents=[common],
                        help="hand this peer's ranges away and discard its state")
+    p.add_argument("--force", action="store_true",
+                   help="also when addresses are still allocated here (they are dropped)")
     p.set_defaults(func=cmd_reset)
     return ap
 

@@ -40,7 +40,7 @@ from .core.allocator import (
 )
 from .core.records import Record, Snapshot
 from .mesh import ConnInfo, Mesh, MeshError, PeerInfo
-from .names import check_name, default_nickname, derive_name, new_uid, read_name, write_name
+from .names import check_name, default_nickname, new_name, new_uid, read_name, write_name
 from .store import Store, StoreError
 
 log = logging.getLogger("weaveipam.daemon")
@@ -249,7 +249,10 @@ class Daemon:
                                    snapshot=snap, op_timeout=cfg.op_timeout,
                                    # consensus starts without waiting for the first pod:
                                    # /readyz (the DaemonSet's readiness) needs a ring
-                                   auto_prime=True)
+                                   auto_prime=True,
+                                   # given peers: hear whether they hold a ring before
+                                   # seeding one of our own (a joiner must not split them)
+                                   expect_peers=bool(cfg.peers))
         except ValueError as e:
             raise StartupError(f"cannot restore state from {cfg.store_path}: {e}. "
                                + self._discard_hint()) from e
@@ -263,7 +266,6 @@ class Daemon:
                              host=cfg.host, port=cfg.port, conn_limit=cfg.conn_limit,
                              on_message=self._on_message, on_peer_up=self._on_peer_up,
                              on_peer_down=self._on_peer_down,
-                             on_duplicate_name=self._on_duplicate_name,
                              heartbeat=cfg.heartbeat, dead_timeout=cfg.dead_timeout,
                              max_frame=cfg.max_frame, password=cfg.password)
             await self.mesh.start()
@@ -325,7 +327,19 @@ class Daemon:
 
     def _resolve_name(self, snap: Snapshot) -> str:
         cfg = self.cfg
-        name = cfg.name or read_name(cfg.data_dir) or snap.name or derive_name(cfg.data_dir)
+        if snap.name is None and not cfg.name:
+            # New state is a new peer: a name kept from state that is gone would let the
+            # cluster hand its old ranges back to us as if empty while its pods still hold
+            # addresses there (Weave #2610). The old name's ranges wait for rmpeer.
+            name = new_name()
+            old = read_name(cfg.data_dir)
+            if old and old != name:
+                log.warning("no state in %s: starting as a new peer %s. The earlier peer "
+                            "%s of this data dir lost its state; once its pods are gone, "
+                            "run `weaveipam rmpeer %s` on another node to free its ranges",
+                            cfg.store_path, name, old, old)
+            return name
+        name = cfg.name or snap.name or read_name(cfg.data_dir) or new_name()
         err = check_name(name)
         if err:
             raise StartupError(f"--name {name!r}: {err}")
@@ -537,10 +551,6 @@ class Daemon:
     def _on_peer_down(self, name: str) -> None:
         log.info("peer %s unreachable", name)
         self._run("peer down", lambda now: self.allocator.peer_down(name, now))
-
-    def _on_duplicate_name(self, p: PeerInfo) -> None:
-        self._run("duplicate name", lambda now: self.allocator.duplicate_name(
-            f"uid {p.uid}, nickname {p.nickname!r}"))
 
     # ---- timers ----------------------------------------------------------------------------
 

@@ -1,9 +1,9 @@
-"""Peer names: stable 48-bit MAC-like names, kept in the data dir.
+"""Peer names: 48-bit MAC-like names, kept in the data dir.
 
 Weave derived the name from the machine id, so cloned machines got identical names and
-identical ranges (Weave #2606).  We still start from /etc/machine-id (a stable name across
-reinstalls of the daemon is useful), but mix in the data dir so two daemons on one host
-differ, and keep the name in the data dir so it never changes under a peer's state.
+identical ranges (Weave #2606), and a node that lost its data dir came back under its old
+name and was handed its old ranges as if empty (#2610).  Here new state gets a new random
+name, kept beside the store so it never changes under a peer's state.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from pathlib import Path
 NAME_FILE = "peer-name"
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 MAX_NAME = 64  # the ring's limit on peer names
-MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")
 
 
 def check_name(name: str) -> str | None:
@@ -40,23 +39,10 @@ def _mac_from(seed: bytes) -> str:
     return format_mac(bytes(b))
 
 
-def machine_id() -> str | None:
-    for f in MACHINE_ID_FILES:
-        try:
-            text = Path(f).read_text().strip()
-        except OSError:
-            continue
-        if text:
-            return text
-    return None
-
-
-def derive_name(data_dir: Path) -> str:
-    """A new name: from the machine id and the data dir, or random without a machine id."""
-    mid = machine_id()
-    if mid is None:
-        return _mac_from(secrets.token_bytes(16))
-    return _mac_from(f"weaveipam\0{mid}\0{data_dir.absolute()}".encode())
+def new_name() -> str:
+    """A new random name, for new state only: a name derived again from the machine would
+    come back after the data dir is lost and be handed the lost state's ranges."""
+    return _mac_from(secrets.token_bytes(16))
 
 
 def read_name(data_dir: Path) -> str | None:

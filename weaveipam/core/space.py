@@ -40,7 +40,8 @@ class Space:
     def owned_size(self) -> int:
         return sum(e - s for s, e in self._owned.items())
 
-    def _owning(self, a: int) -> int | None:
+    def owning(self, a: int) -> int | None:
+        """Start of the owned range (ring entry) that holds `a`, or None."""
         i = bisect_right(self._ostarts, a) - 1
         if i < 0:
             return None
@@ -48,7 +49,7 @@ class Space:
         return s if a < self._owned[s] else None
 
     def owns(self, a: int) -> bool:
-        return self._owning(a) is not None
+        return self.owning(a) is not None
 
     def free_of(self, start: int) -> int:
         """Free addresses in the owned range starting at `start`."""
@@ -73,7 +74,7 @@ class Space:
         out: list[int] = []
         for s, e in self._runs.items():
             for a in range(s, e):
-                if self._owning(a) is None:
+                if self.owning(a) is None:
                     out.append(a)
         return out
 
@@ -112,7 +113,7 @@ class Space:
             del runs[a + 1]
         runs[start] = end
         self.used += 1
-        o = self._owning(a)
+        o = self.owning(a)
         if o is not None:
             self._used_in[o] += 1
 
@@ -129,7 +130,7 @@ class Space:
         if a + 1 < e:
             runs[a + 1] = e
         self.used -= 1
-        o = self._owning(a)
+        o = self.owning(a)
         if o is not None:
             self._used_in[o] -= 1
         return True

@@ -29,6 +29,8 @@ GOSSIP_INTERVAL = 0.5     # ring deltas are batched this long
 ANTI_ENTROPY = 3.0        # digest exchange with one random peer
 SPLIT_FORGET = 30.0
 AUTO_PRIME_AFTER = 5.0
+# given peers but none reachable yet: how long before a node may seed a ring alone
+SEED_WAIT = 5.0
 SYNC_GRACE = 10.0         # after a restart with no in-sync peer, trust merged rings
 RING_ASK_RETRY = 0.25     # not in sync, answered by a peer that is not either: ask again
 TAKEOVER_WAIT = 2.0       # rmpeer heir: longest wait for every peer's ring before acting
@@ -57,7 +59,7 @@ class AllocatorBase:
     def __init__(self, *, name: str, nickname: str, universe: CIDR, init: InitMode,
                  rng: random.Random, now: float, default_subnet: CIDR | None = None,
                  snapshot: Snapshot | None = None, op_timeout: float = OP_TIMEOUT,
-                 auto_prime: bool = False) -> None:
+                 auto_prime: bool = False, expect_peers: bool = False) -> None:
         self.name = name
         self.nickname = nickname
         self.universe = universe
@@ -115,6 +117,12 @@ class AllocatorBase:
         self.vetting = False               # ... and the poll for that is running
         # dead peer -> (act by, waiting callers: (peer asking, or None for ours; rid))
         self.takeovers: dict[str, tuple[float, list[tuple[str | None, int]]]] = {}
+        # Before seeding a ring we must know that no reachable peer already holds one:
+        # peers that told us they have none (an empty full ring, or Paxos claims).  A node
+        # given peers waits SEED_WAIT for one to answer before it may seed alone.
+        self.heard: set[str] = set()
+        self.next_unheard_ask = now
+        self.seed_wait_until = now + SEED_WAIT if expect_peers else now
         self._restore(snapshot)
 
     def _persist(self, rec: Record) -> None:
@@ -147,6 +155,14 @@ class AllocatorBase:
 
     def _event(self, level: str, text: str) -> None:
         self.out.append(Event(level, text))
+
+    def _stop(self, fault: str, text: str) -> None:
+        """Refuse all work from now on: what we hold may not be ours to hand out."""
+        self.fault, self.fault_text = fault, text
+        self._event("error", text)
+        for p in self.pending:  # waiting work must not complete from suspect ranges
+            self._fail(p.rid, "unavailable", text)
+        self.pending.clear()
 
     def _fmt(self, a: int) -> str:
         try:

@@ -47,7 +47,12 @@ class RmPeer:
 
 @dataclass(frozen=True)
 class Leave:
-    """Hand all our ranges to a live peer and forget our state (`weaveipam reset`)."""
+    """Hand all our ranges to a live peer and forget our state (`weaveipam reset`).
+
+    Refused while addresses are allocated here unless `force`: pods may still use them.
+    """
+
+    force: bool = False
 
 
 @dataclass(frozen=True)

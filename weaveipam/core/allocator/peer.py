@@ -102,7 +102,7 @@ class Allocator(RingSync):
             self._rmpeer(rid, req.name)
             return
         if isinstance(req, Leave):
-            self._leave(rid)
+            self._leave(rid, req.force)
             return
         if self.left:
             self._fail(rid, "unavailable", "this peer has handed its ranges away (reset); "
@@ -147,6 +147,11 @@ class Allocator(RingSync):
             live = sorted(self.reachable())
             if live:
                 self._send(self.rng.choice(live), {"t": "ring?"})
+        if self.ring.is_empty() and self.init.kind == "seed":
+            if self._clear_to_seed():
+                self._seed(self.init.seeds)
+            else:
+                self._ask_unheard()
         if self.ring.is_empty():
             if self.paxos is not None:
                 if self.auto_prime_at is not None and not self.primed:

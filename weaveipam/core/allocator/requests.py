@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..addr import CIDR, Range
 from ..records import DelAllocation, PutAllocation
+from ..ring import FREE_CAP
 from .base import MAX_IDENT, SPACE_RETRY, AllocatorBase, _Pending
 from .interface import Allocate, Claim, Release, Request
 
@@ -83,6 +84,14 @@ class Requests(AllocatorBase):
         self.allocs.setdefault(ident, {})[a] = note
         self.holder[a] = ident
         self._persist(PutAllocation(ident, a, note))
+        t = self.space.owning(a)
+        if t is not None and t in self.ring.entries:
+            v = self.ring.entries[t]
+            if v[2] >= min(self.ring.end_of(t) - t, FREE_CAP):
+                # the first address used in an entry the ring shows as untouched: say so
+                # now, so that a successor of ours with lost state finds it used (lost_state)
+                self._report_free(exact=True)
+                self.urgent = True
 
     def _release(self, rid: int, req: Release) -> None:
         addrs = self.allocs.get(req.ident)
@@ -192,6 +201,10 @@ class Requests(AllocatorBase):
                 continue
             if self.ring.set_free(r.start, free):
                 changed.append(r.start)
-        self.dirty.update(changed)
+        if changed:
+            self.dirty.update(changed)
+            # every version of our entries we send is on disk first: after a restart, a
+            # newer one can only be another instance's (_foreign_writes)
+            self._persist_ring()
         return changed
 

@@ -7,17 +7,20 @@ from typing import Any
 
 import msgpack
 
-from ..paxos import NONE, Paxos
+from ..paxos import MAX_VALUE, NONE, Claims, Paxos
 from ..records import SetPaxos
-from .base import PROPOSE_BACKOFF
+from .base import PROPOSE_BACKOFF, RING_ASK_RETRY
 from .requests import Requests
 
 
 class Seeding(Requests):
-    def _on_paxos(self, sender: str, c: Any) -> str | None:
+    def _on_paxos(self, sender: str, c: Any, count: Any) -> str | None:
         claims = Paxos.decode(c)
         if isinstance(claims, str):
             return claims
+        if count is not None and (type(count) is not int or not 1 <= count <= MAX_VALUE):
+            return "paxos message with a bad consensus count"
+        self.heard.add(sender)  # it has no ring (or it would have sent that instead)
         if not self.ring.is_empty():
             # already seeded: the proposer needs our ring, not our vote (once a second)
             if self.now - self.ring_sent.get(sender, -1e9) >= 1.0:
@@ -26,6 +29,12 @@ class Seeding(Requests):
             return None
         if self.paxos is None:
             return None
+        if count is not None and count // 2 + 1 > self.paxos.quorum:
+            # a peer expects a larger cluster: a majority of the largest count is the only
+            # quorum that every node's quorum intersects, whatever each was started with
+            self.paxos.quorum = count // 2 + 1
+            self._event("info", f"peer {sender} expects consensus={count}: quorum is now "
+                        f"{self.paxos.quorum}")
         if self.paxos.update(claims):
             if any(c.promise != NONE for c in claims.values()):
                 # a ballot moved (a peer only becoming known is not progress)
@@ -47,10 +56,35 @@ class Seeding(Requests):
             if self.name in dirty:
                 self._persist(SetPaxos(msgpack.packb(
                     Paxos.encode({self.name: self.paxos.ours}), use_bin_type=True)))
-            self._send(None, {"t": "paxos", "c": Paxos.encode(dirty)})
+            self._send(None, self._paxos_msg(dirty))
         value = self.paxos.consensus()
         if value is not None and self.ring.is_empty():
             self._seed(value)
+
+    def _paxos_msg(self, claims: dict[str, Claims]) -> dict[str, Any]:
+        return {"t": "paxos", "c": Paxos.encode(claims), "n": self.init.count}
+
+    def _clear_to_seed(self) -> bool:
+        """May we start a ring of our own?  Only once every reachable peer has told us it
+        has none: a joiner whose --ipalloc-init differs from the founders' (or that was
+        started with the defaults) must join their ring, not seed a second one and hand
+        out addresses they hold.  Given peers and none reachable: after SEED_WAIT."""
+        live = self.reachable()
+        if not live:
+            return self.now >= self.seed_wait_until
+        return live <= self.heard
+
+    def _wants_seed(self) -> bool:
+        return self.ring.is_empty() and (
+            bool(self.pending) or self.primed or self.init.kind == "seed")
+
+    def _ask_unheard(self) -> None:
+        """Ask every reachable peer not heard from yet whether it holds a ring."""
+        if self.now < self.next_unheard_ask:
+            return
+        self.next_unheard_ask = self.now + 2 * RING_ASK_RETRY
+        for p in sorted(self.reachable() - self.heard):
+            self._send(p, {"t": "ring?", "all": True})
 
     def _seed(self, peers: Iterable[str]) -> None:
         self.ring.seed(peers)
@@ -67,6 +101,9 @@ class Seeding(Requests):
         if self.paxos is None or not self.ring.is_empty():
             return
         if not force and self.now < self.next_propose:
+            return
+        if not self._clear_to_seed():
+            self._ask_unheard()  # tick comes back here
             return
         lo, hi = PROPOSE_BACKOFF
         known = {self.name} | set(self.reachable())

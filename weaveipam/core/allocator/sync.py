@@ -44,8 +44,8 @@ class RingSync(Takeover):
             self.restored = not self.ring.is_empty()
             self.known_removed = self.name in self.ring.removed
             self.removal_accepted = self.known_removed  # rejoined fresh after a removal
-        if self.init.kind == "seed" and self.ring.is_empty():
-            self._seed(self.init.seeds)
+        if self.init.kind == "seed" and self.ring.is_empty() and self._clear_to_seed():
+            self._seed(self.init.seeds)  # else once the peers have said they hold no ring
 
     def peer_up(self, name: str, nickname: str, now: float) -> None:
         self.now = now
@@ -59,7 +59,9 @@ class RingSync(Takeover):
         # With a ring, say nothing: a new peer asks one of us for it (tick), and anti-entropy
         # covers the rest; answering every peer_up would cost O(peers) rings per join.
         if self.ring.is_empty() and self.paxos is not None and self.paxos.active():
-            self._send(name, {"t": "paxos", "c": Paxos.encode(self.paxos.claims)})
+            self._send(name, self._paxos_msg(self.paxos.claims))
+        elif self._wants_seed():
+            self._send(name, {"t": "ring?", "all": True})  # does it hold a ring already?
         for p in list(self.pending):
             self._retry(p)
         self._flush()
@@ -68,6 +70,7 @@ class RingSync(Takeover):
         self.now = now
         if name in self.peers:
             self._set_reachable(name, False)
+        self.heard.discard(name)  # it may come back with a ring
 
     def _set_reachable(self, name: str, up: bool) -> None:
         self.peers.setdefault(name, PeerView())
@@ -81,15 +84,17 @@ class RingSync(Takeover):
         else:
             self._reach.discard(name)
 
-    def duplicate_name(self, uid_text: str) -> None:
-        """The shell saw another peer using our name (a cloned machine: Weave #2606)."""
-        self.fault = "duplicate-name"
-        self.fault_text = (f"another peer uses this peer's name {self.name} ({uid_text}); "
-                           "names must be unique: give each node its own --name, or delete "
-                           "the cloned data dir")
-        for p in self.pending:
-            self._fail(p.rid, "unavailable", self.fault_text)
-        self.pending.clear()
+    def _foreign_writes(self, r: Ring) -> list[int]:
+        """Tokens we own that `r` changed under our name or gave away: only we write our
+        entries (an heir does too, but marks us removed), and every version we ever sent
+        is on disk, so a newer one is another instance acting under our name (a cloned
+        data dir or machine, or this data dir restored from an old copy). A hello that
+        merely claims our name proves nothing and is refused by the mesh."""
+        if self.name in r.removed or self.name in self.ring.removed:
+            return []
+        mine = self.ring.entries
+        return [t for t, e in r.entries.items()
+                if (cur := mine.get(t)) is not None and cur[1] == self.name and e[0] > cur[0]]
 
     def receive(self, sender: str, msg: Any, now: float) -> None:
         """Handle a peer's message; a malformed one is logged and changes nothing."""
@@ -120,12 +125,14 @@ class RingSync(Takeover):
             if not r.is_empty():  # empty: a polled peer that has no ring yet
                 err = self._merge(sender, r, bool(msg["full"]), bool(msg.get("ae", False)),
                                   msg.get("ok", True) is True)
+            if msg["full"]:
+                self.heard.add(sender)
             if msg["full"] and sender in self.polling:
                 self.polling.discard(sender)
                 self._polled()
             return err
         if t == "paxos":
-            return self._on_paxos(sender, msg.get("c"))
+            return self._on_paxos(sender, msg.get("c"), msg.get("n"))
         if t == "space?":
             w = msg.get("w")
             if not (isinstance(w, list) and len(w) == 2 and all(type(x) is int for x in w)
@@ -164,6 +171,8 @@ class RingSync(Takeover):
 
     def _merge(self, sender: str, r: Ring, full: bool, ae: bool, ok: bool) -> str | None:
         was_empty = self.ring.is_empty()
+        trusted = self.synced and not self.vetting and (self.restored or self.vetted)
+        foreign = self._foreign_writes(r) if trusted and not self.fault else []
         res = self.ring.merge(r)
         if isinstance(res, RingError):
             if res.kind == "seeds":
@@ -175,6 +184,14 @@ class RingSync(Takeover):
                 self._send(sender, {"t": "ring?"})
                 return None
             return res.message
+        if foreign:
+            self._stop("duplicate-name", (
+                f"ring entries under this peer's name {self.name} were changed by another "
+                f"node (e.g. at {self._fmt(foreign[0])}, received from {sender}): another "
+                "daemon runs under this name (a cloned data dir or machine), or this data "
+                "dir was restored from an old copy. Stop the other daemon (the log names "
+                "the address of any refused hello claiming this name), then restart this "
+                "one with a new name and run `weaveipam rmpeer` for this name elsewhere"))
         newly_synced = False
         if was_empty and not (full and ok):
             # a delta, or a peer not in sync itself, may relay a restarted peer's stale
@@ -223,14 +240,9 @@ class RingSync(Takeover):
         if self.name in self.ring.removed and self.restored and not self.fault and \
                 not self.removal_accepted:
             heir = self.ring.removed[self.name]
-            self.fault = "removed"
-            self.fault_text = (f"this peer was removed with rmpeer; its ranges now belong to "
-                               f"{heir}. Run `weaveipam reset` on this host to rejoin with "
-                               "fresh state (its pods need new addresses)")
-            self._event("error", self.fault_text)
-            for p in self.pending:  # waiting work must not complete from stale ranges
-                self._fail(p.rid, "unavailable", self.fault_text)
-            self.pending.clear()
+            self._stop("removed", f"this peer was removed with rmpeer; its ranges now belong "
+                       f"to {heir}. Run `weaveipam reset` on this host to rejoin with fresh "
+                       "state (its pods need new addresses)")
         if was_empty or self.space.owned_size() != before:
             self._persist_ring()
         if was_empty:

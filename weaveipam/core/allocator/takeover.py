@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..records import ClearAllocations
-from ..ring import valid_name
+from ..ring import FREE_CAP, valid_name
 from ..space import Space
 from .base import TAKEOVER_WAIT, _Pending
 from .interface import RmPeer
@@ -71,9 +71,23 @@ class Takeover(Seeding):
             self._retry(p)
         return {"moved": moved, "peer": dead, "heir": self.name}
 
-    def _leave(self, rid: int) -> None:
+    def _leave(self, rid: int, force: bool) -> None:
         live = sorted(self.reachable())
         mine = self.ring.owned_by(self.name)
+        held = sum(len(a) for a in self.allocs.values())
+        if held and not force and self.fault != "removed":
+            # a removed peer's allocations were given up by the rmpeer; anyone else's may
+            # still be used by running pods, and reset would let them be handed out again
+            ident = min(self.allocs)
+            where = ("another peer would then hand them out again" if live else
+                     "no peer is reachable to take the ranges, so they would be handed out "
+                     "again here after a restart")
+            self._fail(rid, "conflict",
+                       f"{held} addresses are still allocated here ({len(self.allocs)} "
+                       f"idents, e.g. {ident!r}) and {where}: release them first "
+                       "(`weaveipam release ID`), or run `weaveipam reset --force` once "
+                       "their pods are gone")
+            return
         if mine and not live and set(self.ring.peers()) != {self.name}:
             self._fail(rid, "unavailable", "no reachable peer to hand our ranges to; "
                        "connect to a peer first, or delete the data dir if the whole "
@@ -94,7 +108,8 @@ class Takeover(Seeding):
         self.space = Space()
         self._persist(ClearAllocations())
         self.left = True
-        self._reply(rid, {"moved": moved})
+        self._event("warning", f"reset: {moved} IPs handed over, {held} allocations dropped")
+        self._reply(rid, {"moved": moved, "dropped": held})
 
     def _on_rmpeer(self, sender: str, dead: str, rid: int) -> None:
         refused = self._rmpeer_refused(dead)
@@ -153,6 +168,7 @@ class Takeover(Seeding):
             self.vetting = False
             self.synced = True
             self._persist_ring()
+            self._check_lost_state()
             for p in list(self.pending):
                 self._retry(p)
         for dead, (until, callers) in list(self.takeovers.items()):
@@ -162,6 +178,24 @@ class Takeover(Seeding):
                                                        or (self._take_over(dead), "")))
         if not (self.vetting or self.takeovers):
             self.polling.clear()
+
+    def _check_lost_state(self) -> None:
+        """Fresh state, yet the ring shows addresses in use under our name: an earlier us
+        lost its data dir (Weave #2610).  Its pods may still hold them; we cannot know
+        which, so we hand out none.  A new name (a new data dir gets one) rejoins, and
+        rmpeer of the old name frees its ranges once those pods are gone."""
+        used = [o for o in self.ring.owned_by(self.name)
+                if self.ring.entries[o.start][2] < min(o.end - o.start, FREE_CAP)]
+        if self.restored or self.allocs or not used:
+            return
+        total = sum(o.end - o.start for o in self.ring.owned_by(self.name))
+        self._stop("lost-state", (
+            f"the cluster's ring gives this peer's name {self.name} {total} addresses, some "
+            "of them in use, but this node has no allocation records: its data dir was lost "
+            "or replaced. Pods started before may still hold those addresses, so none are "
+            "handed out. Restart this daemon under a new peer name (a new data dir gets one; "
+            f"drop --name), and once the old pods are gone run `weaveipam rmpeer {self.name}` "
+            "on another node to free its ranges"))
 
     def _answer_takeover(self, dead: str, callers: list[tuple[str | None, int]],
                          res: dict[str, Any], err: str) -> None:
