@@ -41,6 +41,31 @@ def test_rmpeer_heavy_runs_keep_every_invariant() -> None:
         assert s["rmpeers"] > 0
 
 
+@pytest.mark.parametrize("chunk", range(4))
+def test_operators_and_strangers_keep_every_invariant(chunk: int) -> None:
+    """Joins and restarts with other --ipalloc-init, wiped stores with the name kept,
+    reset on lone and last nodes, forged hellos, removed nodes back with old data."""
+    for seed in range(1 + chunk * 25, 26 + chunk * 25):
+        s = run(3 + seed % 8, seed, 400, True, operator_rate=0.5)
+        assert s["violations"] == 0, s
+
+
+def test_checker_catches_a_wiped_node_reusing_its_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Planted: a node that lost its store is not stopped; the ledger sees duplicates."""
+    from weaveipam.core.allocator.takeover import Takeover
+    monkeypatch.setattr(Takeover, "_check_lost_state", lambda self: None)
+    kinds = {run(3 + s % 8, s, 400, True, operator_rate=0.5).get("kind") for s in range(1, 41)}
+    assert kinds & {"duplicate", "double-owner"}, kinds
+
+
+def test_checker_catches_a_joiner_seeding_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Planted: a joiner seeds without hearing its peers (the old behaviour)."""
+    from weaveipam.core.allocator.seeding import Seeding
+    monkeypatch.setattr(Seeding, "_clear_to_seed", lambda self: True)
+    broken = [run(3 + s % 8, s, 400, True, operator_rate=0.5) for s in range(1, 41)]
+    assert any(s["violations"] for s in broken)
+
+
 def test_same_seed_replays_exactly() -> None:
     a, b = run(12, 7, 200, True), run(12, 7, 200, True)
     a.pop("wall_s"), b.pop("wall_s")

@@ -22,14 +22,19 @@ CONVERGE_BOUND = 120.0  # simulated seconds after the last fault heals
 def run(nodes: int, seed: int, steps: int, faults: bool, *, consensus: int | None = None,
         degree: int = 30, universe: str = "10.32.0.0/12", traffic: float = 5.0,
         join: int = 0, fanout: int = GOSSIP_FANOUT,
-        rmpeer_rate: float | None = None) -> dict[str, Any]:
+        rmpeer_rate: float | None = None, operator_rate: float | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     f = Faults()
     if faults:
         f = Faults(loss=0.02, dup=0.01, latency=(0.001, 0.08), partition_rate=0.02,
-                   crash_rate=0.05, join_rate=0.01, rmpeer_rate=0.05)
+                   crash_rate=0.05, join_rate=0.01, rmpeer_rate=0.05, operator_rate=0.02,
+                   stranger_rate=0.02, stale_removed=0.5)
         if rmpeer_rate is not None:
             f.crash_rate = f.rmpeer_rate = rmpeer_rate
+        if operator_rate is not None:
+            # operators act on down nodes too: crash often enough to give them some
+            f.operator_rate = f.stranger_rate = operator_rate
+            f.crash_rate = max(f.crash_rate, operator_rate)
     sim = Simulator(nodes=nodes, seed=seed, universe=universe, consensus=consensus,
                     degree=degree, faults=f, traffic=traffic, fanout=fanout)
     summary: dict[str, Any] = {"nodes": nodes, "seed": seed, "faults": faults}
@@ -44,38 +49,47 @@ def run(nodes: int, seed: int, steps: int, faults: bool, *, consensus: int | Non
         phase = "heal"
         sim._heal()
         for n in sim.nodes:
-            if n.alloc is None:
+            if n.alloc is None and n.respawn_at is None:
                 sim._restart(n)
         healed = sim.now
-        while not sim.converged() and sim.now - healed < CONVERGE_BOUND:
+
+        def settled() -> bool:
+            return sim.converged() and not any(n.respawn_at is not None for n in sim.nodes)
+
+        while not settled() and sim.now - healed < CONVERGE_BOUND:
             sim.step(faults=False, traffic=False)
         converged_after = sim.now - healed
-        if not sim.converged():
-            raise Violation(f"rings did not converge within {CONVERGE_BOUND:g}s of healing")
+        if not settled():
+            raise Violation("not-converged",
+                            f"rings did not converge within {CONVERGE_BOUND:g}s of healing")
         phase = "allocate"
-        waiting: dict[int, tuple[SimNode, int]] = {}
-        for n in sim.live():
-            rid = sim.request(n, Allocate(f"final-{n.idx}"))
-            waiting[n.idx] = (n, rid)
+        # every node allocates once more; one the operator restarts meanwhile asks again
+        asked: dict[int, tuple[SimNode, int]] = {}
         start = sim.now
         while sim.now - start < CONVERGE_BOUND:
-            waiting = {i: (n, r) for i, (n, r) in waiting.items() if r in n.inflight}
-            if not waiting:
+            todo = [n for n in sim.nodes
+                    if n.alloc is None or f"final-{n.idx}" not in n.alloc.allocs]
+            if not todo:
                 break
+            for n in todo:
+                if n.alloc is not None and not (n.idx in asked and asked[n.idx][1]
+                                                 in n.inflight):
+                    asked[n.idx] = (n, sim.request(n, Allocate(f"final-{n.idx}")))
             sim.step(faults=False, traffic=False)
         all_allocated_after = sim.now - healed
-        if waiting:
-            bad = [n.name for n, _ in waiting.values()][:5]
-            raise Violation(f"{len(waiting)} nodes could not allocate after healing: {bad}")
-        failed = [i for i, n in enumerate(sim.nodes)
-                  if n.alloc is None or f"final-{i}" not in n.alloc.allocs]
+        failed = [n for n in sim.nodes
+                  if n.alloc is None or f"final-{n.idx}" not in n.alloc.allocs]
         if failed:
-            raise Violation(f"final allocation refused on {len(failed)} nodes, e.g. "
-                            f"{sim.nodes[failed[0]].name}")
+            why = failed[0].alloc
+            raise Violation("not-allocating", f"{len(failed)} nodes could not allocate after "
+                            f"healing, e.g. {failed[0].name}: "
+                            f"{why.state_text() if why else 'down'}")
+        sim.check_ledger()
         summary.update(violations=0, converged_after_s=round(converged_after, 3),
                        all_allocated_after_s=round(all_allocated_after, 3))
     except Violation as v:
-        summary.update(violations=1, violation=str(v), phase=phase, step=sim.steps,
+        summary.update(violations=1, violation=str(v), kind=v.kind, phase=phase,
+                       step=sim.steps,
                        sim_time=round(sim.now, 3), converged_after_s=None)
         print(f"INVARIANT BROKEN seed={seed} step={sim.steps} t={sim.now:.3f}s: {v}",
               file=sys.stderr)
@@ -102,11 +116,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--range", default="10.32.0.0/12")
     ap.add_argument("--traffic", type=float, default=5.0, help="requests/s per 10 nodes")
     ap.add_argument("--join", type=int, default=0, help="nodes to join after the run")
+    ap.add_argument("--operators", type=float, default=None, metavar="RATE",
+                    help="with --faults: operator and stranger actions per second (other "
+                         "--ipalloc-init, wiped stores, reset, forged hellos); default 0.02")
     args = ap.parse_args(argv)
     if args.nodes < 1 or args.steps < 0:
         ap.error("--nodes must be >= 1 and --steps >= 0")
     s = run(args.nodes, args.seed, args.steps, args.faults, consensus=args.consensus,
-            degree=args.degree, universe=args.range, traffic=args.traffic, join=args.join)
+            degree=args.degree, universe=args.range, traffic=args.traffic, join=args.join,
+            operator_rate=args.operators)
     print(json.dumps(s))
     return 1 if s["violations"] else 0
 

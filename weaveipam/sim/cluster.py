@@ -22,6 +22,7 @@ from ..core.allocator import (
     Claim,
     Event,
     InitMode,
+    Leave,
     Persist,
     Release,
     Reply,
@@ -42,6 +43,12 @@ class Faults:
     crash_rate: float = 0.0       # per second, cluster-wide
     join_rate: float = 0.0
     rmpeer_rate: float = 0.0
+    # operators and strangers (per second, cluster-wide): a node joining or restarting with
+    # another --ipalloc-init, a restart with the store wiped but the name kept, reset, a
+    # forged hello claiming a node's name
+    operator_rate: float = 0.0
+    stranger_rate: float = 0.0
+    stale_removed: float = 0.0    # chance a removed node comes back with its old data
 
 
 @dataclass
@@ -52,6 +59,10 @@ class SimNode:
     disk: Snapshot = field(default_factory=Snapshot)
     neighbours: set[int] = field(default_factory=set)
     removed: bool = False        # rmpeer'd while down: its acknowledged allocations are gone
+    init: InitMode | None = None  # an operator's own --ipalloc-init for this node
+    wiped: bool = False          # restarted with its store lost: its pods still hold addresses
+    respawn_at: float | None = None  # the operator restarts it with fresh state then
+    removal_done: bool = False   # an rmpeer of it was answered: its ranges are the heir's
     down_since: float = 0.0
     next_ident: int = 0
     bytes_sent: int = 0
@@ -60,7 +71,16 @@ class SimNode:
 
 
 class Violation(Exception):
-    pass
+    """An invariant broke; `kind` says which, so a planted bug's test can check that the
+    checker meant for it is the one that caught it."""
+
+    KINDS = ("duplicate", "double-owner", "lost", "removed-allocated", "not-converged",
+             "not-allocating")
+
+    def __init__(self, kind: str, text: str) -> None:
+        assert kind in self.KINDS, kind
+        super().__init__(text)
+        self.kind = kind
 
 
 def peer_name(i: int) -> str:
@@ -92,22 +112,27 @@ class Simulator:
         self.steps = 0
         self.stats = {"allocations": 0, "claims": 0, "releases": 0, "failures": 0,
                       "crashes": 0, "restarts": 0, "joins": 0, "rmpeers": 0, "partitions": 0,
-                      "messages": 0, "dropped": 0}
+                      "messages": 0, "dropped": 0, "operator": 0, "wipes": 0, "resets": 0,
+                      "forged_hellos": 0}
         # acknowledged holdings, as a client sees them: address -> (node, ident)
         self.ledger: dict[int, tuple[int, str]] = {}
+        # ledger addresses whose node lost its store: pods still hold them (no one may hand
+        # them out), but the node cannot; they leave the ledger when the node is rmpeer'd
+        self.orphans: set[int] = set()
         self.owned_index: SortedDict = SortedDict()  # start -> (end, node)
         self.owned_of: dict[int, list[Range]] = {}
         self.index_key: dict[int, Any] = {}
         self.events: list[str] = []
+        self.expected = nodes
         for _ in range(nodes):
             self._add_node(connect=join_all)
 
     # ---- topology ------------------------------------------------------------------------
 
-    def _add_node(self, connect: bool = True) -> SimNode:
+    def _add_node(self, connect: bool = True, init: InitMode | None = None) -> SimNode:
         i = len(self.nodes)
         name = peer_name(i)
-        n = SimNode(i, name, None)
+        n = SimNode(i, name, None, init=init)
         self.nodes.append(n)
         self._boot(n)
         if connect:
@@ -127,8 +152,10 @@ class Simulator:
     def _boot(self, n: SimNode) -> None:
         snap = n.disk if n.disk.name is not None else None
         n.alloc = Allocator(name=n.name, nickname=f"node{n.idx}", universe=self.universe,
-                            init=self.init, rng=random.Random(self.rng.random()),
-                            now=self.now, snapshot=snap)
+                            init=n.init or self.init, rng=random.Random(self.rng.random()),
+                            now=self.now, snapshot=snap,
+                            # every node is given the others' addresses, as a DaemonSet's
+                            expect_peers=len(self.nodes) > 1 or self.expected > 1)
         self._drain(n)
 
     def _connected(self, a: int, b: int) -> bool:
@@ -218,9 +245,13 @@ class Simulator:
         if isinstance(req, Allocate | Claim):
             a = int(r.value)
             key = (n.idx, req.ident)
+            if n.removed and n.removal_done:
+                raise Violation("removed-allocated", f"{n.name}, removed with rmpeer and back "
+                                f"with its old data, acknowledged {req.ident} -> "
+                                f"{self.universe.fmt_addr(a)}")
             held = self.ledger.get(a)
             if held is not None and held != key:
-                raise Violation(f"address {self.universe.fmt_addr(a)} acknowledged to "
+                raise Violation("duplicate", f"address {self.universe.fmt_addr(a)} acknowledged to "
                                 f"{key} while held by {held}")
             self.ledger[a] = key
             self.stats["allocations" if isinstance(req, Allocate) else "claims"] += 1
@@ -231,9 +262,12 @@ class Simulator:
             self.stats["releases"] += 1
         elif isinstance(req, RmPeer):
             self.stats["rmpeers"] += 1
+            for i in self._index_of(req.name):
+                if self.nodes[i].removed:
+                    self.nodes[i].removal_done = True  # its heir has taken its ranges
 
     def _traffic(self) -> None:
-        live = [n for n in self.live() if not n.removed]
+        live = self.live()
         if not live:
             return
         k = self._poisson(self.traffic * self.tick_s * len(live) / 10)
@@ -278,8 +312,8 @@ class Simulator:
             if len(up) > 2:
                 self._crash(self.rng.choice(up))
         for n in self.nodes:
-            if n.alloc is None and self.now - n.down_since > self.rng.uniform(1, 30) \
-                    and self.rng.random() < 0.05:
+            if n.alloc is None and n.respawn_at is None and \
+                    self.now - n.down_since > self.rng.uniform(1, 30) and self.rng.random() < 0.05:
                 self._restart(n)
         if self.rng.random() < f.join_rate * dt:
             self._add_node()
@@ -289,6 +323,92 @@ class Simulator:
                     and self.now - n.down_since > 5]
             if down:
                 self._rmpeer(self.rng.choice(down))
+        if self.now > 2.0 and self.rng.random() < f.operator_rate * dt:
+            self._operator()
+        if self.rng.random() < f.stranger_rate * dt:
+            live = self.live()
+            if live:
+                self.forged_hello(self.rng.choice(live))
+
+    # ---- operators and strangers ---------------------------------------------------------
+
+    def _other_init(self) -> InitMode:
+        """An --ipalloc-init other than the cluster's: the defaults, another count, a seed
+        list of existing names, or observer (a DaemonSet edited, a node added by hand)."""
+        k = self.rng.randrange(4)
+        if k == 0:
+            return InitMode("consensus", 1)
+        if k == 1:
+            return InitMode("consensus", self.rng.randint(1, len(self.nodes) + 3))
+        if k == 2:
+            names = sorted({self.rng.choice(self.nodes).name for _ in range(2)})
+            return InitMode("seed", len(names), tuple(names))
+        return InitMode("observer")
+
+    def _operator(self) -> None:
+        """One thing an operator does that the cluster must survive."""
+        down = [n for n in self.nodes if n.alloc is None and n.respawn_at is None]
+        k = self.rng.randrange(4)
+        if k == 0 and not self.side:
+            # a node added with other flags; only while its peers can answer it (islands
+            # seeded apart while partitioned are detected, not prevented)
+            self._add_node(init=self._other_init())
+            self.stats["joins"] += 1
+            self.stats["operator"] += 1
+        elif k == 1 and down:
+            n = self.rng.choice(down)
+            n.init = self._other_init()  # restarted with edited flags
+            self.stats["operator"] += 1
+            self._restart(n)
+        elif k == 2 and down:
+            n = self.rng.choice([m for m in down if not m.removed] or down)
+            n.disk = Snapshot()  # the data dir is lost; the name (--name) is kept
+            n.wiped = True
+            self.stats["operator"] += 1
+            self.stats["wipes"] += 1
+            self._restart(n)
+        elif k == 3:
+            live = self.live()
+            if live:
+                # reset, most often where no peer can take the ranges (lone or last node)
+                lone = [n for n in live if n.alloc is not None and not n.alloc.reachable()]
+                n = self.rng.choice(lone or live)
+                self.stats["operator"] += 1
+                self.stats["resets"] += 1
+                self.request(n, Leave())
+
+    def forged_hello(self, victim: SimNode) -> None:
+        """A stranger's hello claiming the victim's own name (no --password).
+
+        The mesh refuses a hello whose name is in use (mesh.handshake.judge): nothing
+        reaches the allocator, so nothing happens here.  Planted bugs replace this with
+        what the daemon once did (stop allocating)."""
+        self.stats["forged_hellos"] += 1
+
+    def _operator_responds(self) -> None:
+        """Follow the advice a stopped node gives, as an operator would."""
+        for n in self.live():
+            a = n.alloc
+            assert a is not None
+            if a.fault == "removed" or a.left:
+                # reset it: fresh state (a removed node's pods are gone with the rmpeer;
+                # a node that handed its ranges away restarts to rejoin)
+                self._crash(n)
+                n.respawn_at = self.now + 1.0
+                n.disk = Snapshot() if a.fault == "removed" else n.disk
+                n.removed = n.removal_done = False
+            elif a.fault == "lost-state":
+                # its old pods are gone: remove the old name, then start it afresh
+                self._crash(n)
+                n.respawn_at = self.now + 8.0
+                self._rmpeer(n)
+        for n in self.nodes:
+            if n.alloc is None and n.respawn_at is not None and self.now >= n.respawn_at:
+                if n.removed:
+                    n.disk = Snapshot()
+                    n.removed = n.removal_done = False
+                n.respawn_at = None
+                self._restart(n)
 
     def _partition(self) -> None:
         live = self.live()
@@ -328,17 +448,28 @@ class Simulator:
             m.alloc.peer_down(n.name, self.now)
 
     def _restart(self, n: SimNode) -> None:
-        if n.removed:
-            n.disk = Snapshot()  # the operator reset it: fresh state, same name
-            n.removed = False
+        if n.removed and (n.disk.ring is None or self.side
+                          or self.rng.random() >= self.faults.stale_removed):
+            n.disk = Snapshot()  # the operator reset it (or it had no ring): fresh, same name
+            n.removed = n.removal_done = False
+        # else: back with its old data; it must refuse to work (n.removed stays set). Not
+        # while partitioned: an heir that cannot see it come back takes its ranges over as
+        # it was told, and no rule can stop that (rmpeer means "it is gone")
         self._boot(n)
         self.stats["restarts"] += 1
-        for key_addr in [a for a, (i, _) in self.ledger.items() if i == n.idx]:
+        if n.wiped:
+            n.wiped = False  # its pods keep their addresses: the ledger still has them
+            self.orphans.update(a for a, (i, _) in self.ledger.items() if i == n.idx)
+        for key_addr in [a for a, (i, _) in self.ledger.items()
+                         if i == n.idx and a not in self.orphans]:
             ident = self.ledger[key_addr][1]
             assert n.alloc is not None
             if key_addr not in n.alloc.allocs.get(ident, {}):
-                raise Violation(f"{n.name} lost acknowledged {ident} -> "
+                raise Violation("lost", f"{n.name} lost acknowledged {ident} -> "
                                 f"{self.universe.fmt_addr(key_addr)} over a restart")
+        self._connect(n)
+
+    def _connect(self, n: SimNode) -> None:
         for m in self.live():
             if m is not n and self._connected(m.idx, n.idx):
                 assert m.alloc is not None and n.alloc is not None
@@ -357,6 +488,7 @@ class Simulator:
         dead.removed = True
         for a in [a for a, (i, _) in self.ledger.items() if i == dead.idx]:
             del self.ledger[a]
+            self.orphans.discard(a)
 
     # ---- invariants ----------------------------------------------------------------------
 
@@ -397,8 +529,20 @@ class Simulator:
         oi[r.start] = (r.end, idx)
 
     def _dup_owner(self, r: Range, a: int, b: int) -> None:
-        raise Violation(f"peers {self.nodes[a].name} and {self.nodes[b].name} both own "
+        raise Violation("double-owner",
+                        f"peers {self.nodes[a].name} and {self.nodes[b].name} both own "
                         f"addresses in {self.universe.fmt_addr(r.start)}+{r.size}")
+
+    def check_ledger(self) -> None:
+        """Every acknowledged, unreleased allocation is still held by its node: a loss in
+        memory only, or one that a restart never sees, shows here at the latest."""
+        for a, (i, ident) in sorted(self.ledger.items()):
+            n = self.nodes[i]
+            if a in self.orphans:
+                continue
+            if n.alloc is None or a not in n.alloc.allocs.get(ident, {}):
+                raise Violation("lost", f"{n.name} no longer holds acknowledged {ident} -> "
+                                f"{self.universe.fmt_addr(a)}")
 
     def converged(self) -> bool:
         live = [n for n in self.live()]
@@ -416,6 +560,7 @@ class Simulator:
         self._deliver_until(end)
         self.now = end
         self._faults(faults)
+        self._operator_responds()
         for n in self.live():
             assert n.alloc is not None
             n.alloc.tick(self.now)

@@ -31,6 +31,7 @@ SPLIT_FORGET = 30.0
 AUTO_PRIME_AFTER = 5.0
 # given peers but none reachable yet: how long before a node may seed a ring alone
 SEED_WAIT = 5.0
+WITNESS_RETRY = 0.5      # ask another peer to confirm an entry is in use
 SYNC_GRACE = 10.0         # after a restart with no in-sync peer, trust merged rings
 RING_ASK_RETRY = 0.25     # not in sync, answered by a peer that is not either: ask again
 TAKEOVER_WAIT = 2.0       # rmpeer heir: longest wait for every peer's ring before acting
@@ -102,6 +103,7 @@ class AllocatorBase:
         self.urgent = False
         self.known_removed = False
         self.removal_accepted = False
+        self.disk_owned: dict[int, int] = {}  # token -> version of ours at restore
         self.left = False
         self.rm_pending: dict[int, _Pending] = {}
         self.ring_sent: dict[str, float] = {}
@@ -122,6 +124,9 @@ class AllocatorBase:
         # given peers waits SEED_WAIT for one to answer before it may seed alone.
         self.heard: set[str] = set()
         self.next_unheard_ask = now
+        # our entries a peer confirmed as in use, this start (Requests._witnessed)
+        self.witnessed: set[int] = set()
+        self.witness_asked: dict[int, float] = {}
         self.seed_wait_until = now + SEED_WAIT if expect_peers else now
         self._restore(snapshot)
 
@@ -129,9 +134,10 @@ class AllocatorBase:
         self.out.append(Persist(rec))
 
     def _persist_ring(self) -> None:
-        if self.vetting or not (self.vetted or self.restored):
+        if self.vetting or not (self.vetted or self.restored) or self.fault == "lost-state":
             # a fresh peer keeps its ring off disk until vetted: restored after a crash, a
-            # ring naming us would count as our own data and skip the vetting
+            # ring naming us would count as our own data and skip the vetting (and a peer
+            # that lost its state must find that out again after a restart)
             return
         self._persist(SetRing(msgpack.packb(self.ring.to_wire(), use_bin_type=True)))
 

@@ -163,7 +163,9 @@ class Allocator(RingSync):
                     self._maybe_propose(force=False)
                 if self.paxos.dirty:
                     self._paxos_step(relay=True)
-        elif now >= self.next_gossip:
+        elif now >= self.next_gossip and self.synced and not self.fault:
+            # only a peer in sync speaks for its entries: a fresh one checking what its name
+            # owns would otherwise erase the "in use" its predecessor left (lost_state)
             self._report_free()
         # Anti-entropy repairs lost deltas; while deltas are flowing the digests differ
         # anyway and full rings would flood a large cluster, so it waits for a quiet
@@ -181,6 +183,11 @@ class Allocator(RingSync):
         s = self.state()
         if s in ("ready", "waiting-for-space") and isinstance(p.req, Allocate):
             w = (p.req.subnet or self.default_subnet).usable()
+            if self.space.has_free(w):
+                return (f"timed out after {self.op_timeout:g}s: no reachable peer confirmed "
+                        "that this node's range is in use (a peer must know, so that its "
+                        "addresses are never handed out twice if this node loses its data "
+                        "dir); check this node's connections to its peers")
             return f"timed out after {self.op_timeout:g}s: " + self._no_space_reason(w)
         return f"timed out after {self.op_timeout:g}s: {self.state_text()}"
 

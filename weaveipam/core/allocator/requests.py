@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..addr import CIDR, Range
 from ..records import DelAllocation, PutAllocation
 from ..ring import FREE_CAP
-from .base import MAX_IDENT, SPACE_RETRY, AllocatorBase, _Pending
+from .base import MAX_IDENT, SPACE_RETRY, WITNESS_RETRY, AllocatorBase, _Pending
 from .interface import Allocate, Claim, Release, Request
 
 
@@ -45,6 +45,8 @@ class Requests(AllocatorBase):
                 return True
         nxt = self.space.next_free(window, self.cursor + 1)
         if nxt is not None:
+            if not self._witnessed(nxt):
+                return False  # a peer's answer (or a tick) retries it
             self._hold(req.ident, nxt, req.note)
             self.cursor = nxt
             self._reply(p.rid, nxt)
@@ -70,6 +72,8 @@ class Requests(AllocatorBase):
                        f"address {self._fmt(req.addr)} is held by {held_by!r}")
             return True
         if self.space.owns(req.addr):
+            if not self._witnessed(req.addr):
+                return False
             self._hold(req.ident, req.addr, req.note)
             self._reply(p.rid, req.addr)
             return True
@@ -84,14 +88,36 @@ class Requests(AllocatorBase):
         self.allocs.setdefault(ident, {})[a] = note
         self.holder[a] = ident
         self._persist(PutAllocation(ident, a, note))
+
+    def _witnessed(self, a: int) -> bool:
+        """Has a peer confirmed that the entry holding `a` is in use?
+
+        Only peers outlive the loss of our data dir: if we came back fresh under our name,
+        the ring must show every entry we ever used as used, or it would be handed back to
+        us as empty while pods still hold its addresses (lost_state).  So before the first
+        address of an entry is handed out (once per entry and start), the entry is marked
+        used, durably, and one peer confirms it has that mark.  A lone peer has nobody to
+        tell and nobody to hand its ranges back to it.
+        """
         t = self.space.owning(a)
-        if t is not None and t in self.ring.entries:
-            v = self.ring.entries[t]
-            if v[2] >= min(self.ring.end_of(t) - t, FREE_CAP):
-                # the first address used in an entry the ring shows as untouched: say so
-                # now, so that a successor of ours with lost state finds it used (lost_state)
-                self._report_free(exact=True)
-                self.urgent = True
+        if t is None or t not in self.ring.entries or set(self.ring.peers()) <= {self.name}:
+            return True
+        v = self.ring.entries[t]
+        untouched = v[2] >= min(self.ring.end_of(t) - t, FREE_CAP)  # as the ring shows it
+        if t in self.witnessed and not untouched:
+            return True
+        self.witnessed.discard(t)  # emptied and shown so: it must be marked again
+        if self.now - self.witness_asked.get(t, -1e9) >= WITNESS_RETRY:
+            live = sorted(self.reachable())
+            if live:
+                self.witness_asked[t] = self.now
+                if untouched:
+                    self.ring.set_free(t, max(0, v[2] - 1))
+                    self._persist_ring()  # every version we send is on disk first
+                    self.dirty.add(t)
+                for peer in self.rng.sample(live, min(2, len(live))):
+                    self._send(peer, {"t": "used", "ring": self.ring.to_wire([t])})
+        return False
 
     def _release(self, rid: int, req: Release) -> None:
         addrs = self.allocs.get(req.ident)

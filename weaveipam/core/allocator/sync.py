@@ -9,7 +9,7 @@ import msgpack
 from ..addr import Range
 from ..paxos import Paxos
 from ..records import SetIdentity, Snapshot
-from ..ring import Ring, RingError, valid_name
+from ..ring import TRANSFER_BUMP, Ring, RingError, valid_name
 from .base import RING_ASK_RETRY, SYNC_GRACE, PeerView
 from .takeover import Takeover
 
@@ -44,6 +44,10 @@ class RingSync(Takeover):
             self.restored = not self.ring.is_empty()
             self.known_removed = self.name in self.ring.removed
             self.removal_accepted = self.known_removed  # rejoined fresh after a removal
+            # what we owned when we stopped: an heir's takeover shows as a transfer of these
+            # (a second removal leaves no new marker: the name is in `removed` already)
+            self.disk_owned = {o.start: self.ring.entries[o.start][0]
+                               for o in self.ring.owned_by(self.name)}
         if self.init.kind == "seed" and self.ring.is_empty() and self._clear_to_seed():
             self._seed(self.init.seeds)  # else once the peers have said they hold no ring
 
@@ -83,6 +87,40 @@ class RingSync(Takeover):
                 self._answer_takeover(name, self.takeovers.pop(name)[1], *refused)
         else:
             self._reach.discard(name)
+
+    def _on_used(self, sender: str, msg: dict[str, Any]) -> str | None:
+        """A peer marks one of its entries used: keep the mark and confirm we have it."""
+        r = Ring.from_wire(msg.get("ring"), self.universe)
+        if isinstance(r, RingError):
+            return r.message
+        if self.ring.is_empty() or r.is_empty():
+            return None  # nothing to keep it in yet; the peer asks again
+        err = self._merge(sender, r, False, False, True)
+        ok = [t for t, e in r.entries.items() if e[1] == sender
+              and (cur := self.ring.entries.get(t)) is not None and cur[1] == sender
+              and cur[0] >= e[0]]
+        if ok:
+            self._send(sender, {"t": "used-ok", "tok": ok})
+        return err
+
+    def _on_used_ok(self, msg: dict[str, Any]) -> str | None:
+        toks = msg.get("tok")
+        if not isinstance(toks, list) or len(toks) > 1024 or \
+                not all(type(t) is int for t in toks):
+            return "used-ok without a token list"
+        mine = {t for t in toks if (e := self.ring.entries.get(t)) is not None
+                and e[1] == self.name}
+        if mine - self.witnessed:
+            self.witnessed |= mine
+            for p in list(self.pending):
+                self._retry(p)
+        return None
+
+    def _taken_over(self) -> bool:
+        """Has an heir taken over ranges we owned when we stopped?"""
+        ents = self.ring.entries
+        return any((e := ents.get(t)) is not None and e[1] != self.name
+                   and e[0] >= v + TRANSFER_BUMP for t, v in self.disk_owned.items())
 
     def _foreign_writes(self, r: Ring) -> list[int]:
         """Tokens we own that `r` changed under our name or gave away: only we write our
@@ -167,6 +205,10 @@ class RingSync(Takeover):
             return None
         if t == "rmpeer-done":
             return self._on_rmpeer_done(msg)
+        if t == "used":
+            return self._on_used(sender, msg)
+        if t == "used-ok":
+            return self._on_used_ok(msg)
         return f"unknown message type {t[:32]!r}"
 
     def _merge(self, sender: str, r: Ring, full: bool, ae: bool, ok: bool) -> str | None:
@@ -211,21 +253,25 @@ class RingSync(Takeover):
             # soon rather than in a second
             self.next_ring_ask = min(self.next_ring_ask, self.now + RING_ASK_RETRY)
         if self.synced and not self.vetted:
+            was_restarted = self.restored and bool(set(self.ring.peers()) - {self.name})
             self.vetted = True
-            if not self.restored and self.ring.owned_by(self.name):
-                # fresh state, yet ranges under our name: an earlier us that was removed,
-                # which this peer may not have heard of yet; hear every peer first
+            if self.ring.owned_by(self.name) and (not self.restored or was_restarted):
+                # ranges under our name, fresh state: an earlier us that was removed, which
+                # this peer may not have heard of yet; restarted with our data: ranges an
+                # heir may have taken over while we were down. Hear every peer first.
                 self.synced = newly_synced = False
                 self.vetting = True
                 self._poll()
-                # our heir would know best, even if a partition hides it now
-                self.polling.add(self.heir_for(self.name))
+                if not self.restored:
+                    # our heir would know best, even if a partition hides it now
+                    self.polling.add(self.heir_for(self.name))
             else:
                 self._persist_ring()
         if ae and self.ring.digest() != r.digest():
             self._send(sender, self._full_ring())
-        if not res and not was_empty and not newly_synced:
-            return None
+        if not res and not was_empty and not newly_synced and (
+                self.name not in self.ring.removed or self.known_removed):
+            return None  # (news of our own removal may come without changed entries)
         self.dirty.update(res)
         if res:
             self.last_change = self.now
@@ -237,8 +283,8 @@ class RingSync(Takeover):
             # fresh (reset) state: the removal is history, carry on under the same name;
             # restored old data: its ranges are the heir's now, refuse to work
             self.known_removed = True
-        if self.name in self.ring.removed and self.restored and not self.fault and \
-                not self.removal_accepted:
+        if self.name in self.ring.removed and self.restored and not self.fault and (
+                not self.removal_accepted or self._taken_over()):
             heir = self.ring.removed[self.name]
             self._stop("removed", f"this peer was removed with rmpeer; its ranges now belong "
                        f"to {heir}. Run `weaveipam reset` on this host to rejoin with fresh "

@@ -30,6 +30,8 @@ class Takeover(Seeding):
         cands = sorted(set(self.ring.peers()) - set(self.ring.removed) - {dead})
         if not cands:
             cands = sorted((self.reachable() | {self.name}) - {dead})
+        if not cands:
+            return self.name  # our own heir, asked alone: nobody else could take them
         after = [c for c in cands if c > dead]
         return after[0] if after else cands[0]
 
@@ -72,8 +74,14 @@ class Takeover(Seeding):
         return {"moved": moved, "peer": dead, "heir": self.name}
 
     def _leave(self, rid: int, force: bool) -> None:
+        if self.fault not in (None, "removed") or not self.synced and not self.fault:
+            # a restarted peer's ranges may have been taken over while it was down: handing
+            # them on would give them a second owner
+            self._fail(rid, "unavailable", f"cannot hand ranges away now: {self.state_text()}")
+            return
         live = sorted(self.reachable())
-        mine = self.ring.owned_by(self.name)
+        # a removed peer's ranges are its heir's already: it only forgets its state
+        mine = [] if self.fault == "removed" else self.ring.owned_by(self.name)
         held = sum(len(a) for a in self.allocs.values())
         if held and not force and self.fault != "removed":
             # a removed peer's allocations were given up by the rmpeer; anyone else's may
@@ -167,8 +175,8 @@ class Takeover(Seeding):
         if self.vetting and vetted:
             self.vetting = False
             self.synced = True
-            self._persist_ring()
             self._check_lost_state()
+            self._persist_ring()
             for p in list(self.pending):
                 self._retry(p)
         for dead, (until, callers) in list(self.takeovers.items()):
