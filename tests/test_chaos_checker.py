@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+from capability import missing
 from cluster.checker import CONVERGE_LIMIT, RunRecord, check
 from cluster.faults import Fault, RmpeerEvent
 from cluster.workload import OK_CODES, Op
@@ -161,3 +163,15 @@ def test_clean_history_passes() -> None:
                          rmpeer_fault(2, probe=[[-1, "TimeoutError: "], [503, "removed"]])],
                  rmpeers=[RmpeerEvent(2, 0, "02:c5:00:00:00:03", 11.0)])
     assert check(run) == []
+
+
+# ---- a missing capability under CI -----------------------------------------------------------
+
+
+def test_missing_capability_fails_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true .* no namespaces here"):
+        missing("no namespaces here")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="no namespaces here"):
+        missing("no namespaces here")
