@@ -427,34 +427,18 @@ async def test_conn_limit_refuses_inbound(world: World) -> None:
     assert [x.name for x in a.established()] == ["B"]
 
 
-async def test_hostile_frame_does_not_stall_the_loop(world: World) -> None:
+async def test_object_bomb_is_refused_before_decoding(world: World) -> None:
+    """An object bomb is refused by the object count before any decoding (decoded, each
+    would hold the loop for ~0.4 s of CPU: benchmarks/bench_mesh_hostile.py measures the
+    stall); the mesh keeps working."""
     a, b = await pair(world)
-    loop = asyncio.get_running_loop()
-    lag = 0.0
-    stop = False
-
-    async def ticker() -> None:
-        nonlocal lag
-        while not stop:
-            t = loop.time()
-            await asyncio.sleep(0)
-            lag = max(lag, loop.time() - t)
-
     bomb = _raw_frame({"t": "hb", "x": [[]] * (MAX_FRAME - 64)})
-    tick = asyncio.create_task(ticker())
-    try:
-        for _ in range(3):
-            reader, writer = await world.raw(a.port)
-            writer.write(bomb)
-            frames = frames_in(await read_until_eof(reader, 20.0))
-            # refused by the object count before any decoding (decoded, each bomb would
-            # block the loop for ~0.4 s on a 2-core machine)
-            assert isinstance(frames[-1], ErrorFrame), frames
-            assert "msgpack objects" in frames[-1].reason, frames[-1]
-    finally:
-        stop = True
-        await tick
-    assert lag < 5.0, lag  # a deadline for a hang, not a speed
+    for _ in range(3):
+        reader, writer = await world.raw(a.port)
+        writer.write(bomb)
+        frames = frames_in(await read_until_eof(reader, 20.0))
+        assert isinstance(frames[-1], ErrorFrame), frames
+        assert "msgpack objects" in frames[-1].reason, frames[-1]
     assert a.mesh.send("B", {"x": 1})
     await until(lambda: b.msgs == [("A", {"x": 1})])
 
