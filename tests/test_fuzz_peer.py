@@ -1,9 +1,10 @@
 """Fuzz one live daemon's peer port: random bytes, mutated hello and post-handshake frames,
 oversized lengths, half-open and trickling connections, and a burst of sockets.
 
-After every batch the daemon must still be alive, answer its local API within 1 s, stay
-under an RSS bound and have logged why it closed the bad connections.  The cases tried are
-counted and printed at the end (run with -s to see them).
+After every case the daemon must still answer its local API; after every batch, inside
+the same test, it must also allocate and release, stay under an RSS bound and have logged
+why it closed the bad connections.  API timeouts are deadlines that catch a hang, not
+speeds.  The cases tried are counted and printed at the end (run with -s to see them).
 """
 
 from __future__ import annotations
@@ -51,15 +52,24 @@ def rss_kb(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+API_DEADLINE = 10.0  # seconds: catches a daemon that stopped answering, not a slow one
+
+
+def assert_answers(n: Node) -> None:
+    """After one case: alive, and its API answers (a lookup of nothing is a 404)."""
+    assert n.running(), "daemon died:\n" + n.log_tail()
+    code, body = n.api("GET", "/ip/fuzz-nobody", timeout=API_DEADLINE, unix=True)
+    assert code == 404, (code, body)
+
+
 def assert_healthy(n: Node) -> None:
+    """After a batch: it still allocates and releases, within its memory bound."""
     assert n.running(), "daemon died:\n" + n.log_tail()
     ident = f"fuzz-health-{next(_names)}"
-    t0 = time.monotonic()
-    code, body = n.api("POST", f"/ip/{ident}", timeout=1.0, unix=True)
+    code, body = n.api("POST", f"/ip/{ident}", timeout=API_DEADLINE, unix=True)
     assert code == 200, (code, body)
-    code, body = n.api("DELETE", f"/ip/{ident}", timeout=1.0, unix=True)
+    code, body = n.api("DELETE", f"/ip/{ident}", timeout=API_DEADLINE, unix=True)
     assert code == 204, (code, body)
-    assert time.monotonic() - t0 < 2.0
     assert n.pid is not None
     rss = rss_kb(n.pid)
     assert rss < RSS_LIMIT_KB, f"RSS {rss} kB"
@@ -237,46 +247,49 @@ def post_handshake_frame(data: st.DataObject, src: str, dst: str) -> bytes:
 # ---- tests -----------------------------------------------------------------------------------
 
 
-@FUZZ
-@given(data=st.binary(max_size=512))
-def test_random_bytes(node: Node, data: bytes) -> None:
-    CASES["random-bytes"] += 1
-    send_and_finish(node, data)
+def test_random_bytes(node: Node) -> None:
+    @FUZZ
+    @given(data=st.binary(max_size=512))
+    def case(data: bytes) -> None:
+        CASES["random-bytes"] += 1
+        send_and_finish(node, data)
+        assert_answers(node)
 
-
-def test_random_bytes_batch_healthy(node: Node) -> None:
+    case()
     assert_healthy(node)
     assert "closing connection" in log_text(node)
 
 
-@FUZZ
-@given(data=bad_hello())
-def test_bad_hello(node: Node, data: bytes) -> None:
-    CASES["bad-hello"] += 1
-    send_and_finish(node, data)
+def test_bad_hello(node: Node) -> None:
+    @FUZZ
+    @given(data=bad_hello())
+    def case(data: bytes) -> None:
+        CASES["bad-hello"] += 1
+        send_and_finish(node, data)
+        assert_answers(node)
 
-
-def test_bad_hello_batch_healthy(node: Node) -> None:
+    case()
     assert_healthy(node)
     log = log_text(node)
     assert "protocol error" in log
     assert "incompatible protocol version" in log or "hello" in log
 
 
-@FUZZ
-@given(data=st.data())
-def test_after_handshake(node: Node, data: st.DataObject) -> None:
-    CASES["after-handshake"] += 1
-    s, ours, theirs = handshaken(node)
-    with contextlib.closing(s):
-        with contextlib.suppress(OSError):
-            for _ in range(data.draw(st.integers(1, 3))):
-                s.sendall(post_handshake_frame(data, ours, theirs))
-            s.shutdown(socket.SHUT_WR)
-        drain_until_closed(s)
+def test_after_handshake(node: Node) -> None:
+    @FUZZ
+    @given(data=st.data())
+    def case(data: st.DataObject) -> None:
+        CASES["after-handshake"] += 1
+        s, ours, theirs = handshaken(node)
+        with contextlib.closing(s):
+            with contextlib.suppress(OSError):
+                for _ in range(data.draw(st.integers(1, 3))):
+                    s.sendall(post_handshake_frame(data, ours, theirs))
+                s.shutdown(socket.SHUT_WR)
+            drain_until_closed(s)
+        assert_answers(node)
 
-
-def test_after_handshake_batch_healthy(node: Node) -> None:
+    case()
     assert_healthy(node)
     log = log_text(node)
     assert "established" in log
@@ -294,7 +307,7 @@ def test_oversized_length(node: Node, length: int, after_hello: bool) -> None:
         s = connect(node)
     with contextlib.closing(s):
         s.sendall(length.to_bytes(4, "big") + b"\x80" * 16)
-        assert drain_until_closed(s, 5.0), "daemon kept a connection with an oversized frame"
+        assert drain_until_closed(s, 20.0), "daemon kept a connection with an oversized frame"
     assert_healthy(node)
     log = log_text(node)
     assert ("exceeds max_frame" in log) or ("zero-length" in log)
@@ -335,13 +348,13 @@ def test_half_open_and_slowloris(node: Node) -> None:
             except OSError:
                 closed = True
                 break
-            if time.monotonic() - t0 > 12:
+            if time.monotonic() - t0 > 30:  # a deadline for a hang (timeout: 5 s)
                 break
-        assert closed, "a trickling peer was not dropped within 12 s"
+        assert closed, "a trickling peer was not dropped within 30 s"
         assert_healthy(node)
         # the held half-open connections are dropped by the handshake timeout too
         for h in held[:-1]:
-            assert drain_until_closed(h, 8.0), "a half-open connection was kept"
+            assert drain_until_closed(h, 20.0), "a half-open connection was kept"
         assert "handshake timed out" in log_text(node)
     finally:
         for h in held:

@@ -276,10 +276,8 @@ async def test_stopped_peer_goes_down_and_is_redialled_on_restart(world: World) 
     port = b.port
     a.connect(b)
     await until(lambda: a.reach() == {"B"})
-    t0 = time.monotonic()
     await b.mesh.stop()
-    await until(lambda: a.downs == ["B"], timeout=1.0, what="down")
-    assert time.monotonic() - t0 < 1.0
+    await until(lambda: a.downs == ["B"], timeout=20.0, what="down")
     await until(lambda: any(c.state == "failed" for c in a.mesh.connections()))
     (row,) = a.mesh.connections()
     assert row.address == f"127.0.0.1:{port}" and row.info
@@ -299,9 +297,9 @@ async def test_silent_peer_is_dropped_after_dead_timeout(world: World) -> None:
     reader, _ = await world.fake_peer(a.port, "Quiet")
     await until(lambda: a.reach() == {"Quiet"})
     t0 = time.monotonic()
-    await read_until_eof(reader, 3.0)
-    assert 0.8 < time.monotonic() - t0 < 2.0
-    await until(lambda: a.downs == ["Quiet"], timeout=0.5)
+    await read_until_eof(reader, 20.0)  # a deadline for a hang, not a speed
+    assert time.monotonic() - t0 >= 0.8 * FAST["dead_timeout"]  # not dropped before it
+    await until(lambda: a.downs == ["Quiet"], timeout=20.0)
 
 
 async def test_same_name_other_uid_is_refused(world: World) -> None:
@@ -379,13 +377,16 @@ async def test_hostile_input_closes_only_that_connection(world: World, case: str
     reader, writer = await world.raw(a.port)
     writer.write(data)
     t0 = time.monotonic()
-    sent = await read_until_eof(reader, 3.0)
+    sent = await read_until_eof(reader, 20.0)  # a deadline for a hang, not a speed
     elapsed = time.monotonic() - t0
-    if case in ("half-handshake", "nothing"):
-        assert 0.8 < elapsed < 2.0  # handshake_timeout
-    else:
-        assert elapsed < 0.8  # closed at once, not by a timeout
     frames = frames_in(sent)
+    if case in ("half-handshake", "nothing"):
+        # closed by the handshake timeout, not before it
+        assert elapsed >= 0.8 * FAST["handshake_timeout"], elapsed
+    else:
+        # closed for what it sent, not by a timeout
+        assert isinstance(frames[-1], ErrorFrame), frames
+        assert "timed out" not in frames[-1].reason, frames[-1]
     if case not in ("nothing",):
         assert isinstance(frames[-1], ErrorFrame), frames
     if case == "version-2":
@@ -426,30 +427,18 @@ async def test_conn_limit_refuses_inbound(world: World) -> None:
     assert [x.name for x in a.established()] == ["B"]
 
 
-async def test_hostile_frame_does_not_stall_the_loop(world: World) -> None:
+async def test_object_bomb_is_refused_before_decoding(world: World) -> None:
+    """An object bomb is refused by the object count before any decoding (decoded, each
+    would hold the loop for ~0.4 s of CPU: benchmarks/bench_mesh_hostile.py measures the
+    stall); the mesh keeps working."""
     a, b = await pair(world)
-    loop = asyncio.get_running_loop()
-    lag = 0.0
-    stop = False
-
-    async def ticker() -> None:
-        nonlocal lag
-        while not stop:
-            t = loop.time()
-            await asyncio.sleep(0)
-            lag = max(lag, loop.time() - t)
-
     bomb = _raw_frame({"t": "hb", "x": [[]] * (MAX_FRAME - 64)})
-    tick = asyncio.create_task(ticker())
-    try:
-        for _ in range(3):
-            reader, writer = await world.raw(a.port)
-            writer.write(bomb)
-            await read_until_eof(reader, 3.0)
-    finally:
-        stop = True
-        await tick
-    assert lag < 0.3, lag  # unscanned, each bomb would block the loop for ~0.4 s
+    for _ in range(3):
+        reader, writer = await world.raw(a.port)
+        writer.write(bomb)
+        frames = frames_in(await read_until_eof(reader, 20.0))
+        assert isinstance(frames[-1], ErrorFrame), frames
+        assert "msgpack objects" in frames[-1].reason, frames[-1]
     assert a.mesh.send("B", {"x": 1})
     await until(lambda: b.msgs == [("A", {"x": 1})])
 
@@ -479,7 +468,8 @@ async def test_slow_consumer_does_not_block_others(
     await until(lambda: len(b.msgs) == n, timeout=10.0, what="all broadcasts at B")
     assert [m[1]["i"] for m in b.msgs] == list(range(n))
     await until(lambda: "Slow" in a.downs, timeout=3.0, what="slow peer dropped")
-    assert a.reach() == {"B"} and lag < 0.5
+    assert a.reach() == {"B"}
+    assert lag < 5.0, lag  # a deadline for a hang, not a speed
     assert any(why in r.getMessage() and "Slow" in r.getMessage() for r in caplog.records)
 
 

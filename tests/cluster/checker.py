@@ -1,25 +1,49 @@
-"""The checker: safety and durability over the recorded history and the final states.
+"""The checker: safety, durability and recovery over one run's whole record.
 
-- no address held by two idents at once: an acknowledged allocate/claim holds its address
-  from its answer until the first release request for that ident was sent, or until the
-  first rmpeer request for its node's incarnation (its ranges may go to the heir then);
-- no acknowledged allocation on an incarnation after it was removed (no resurrection);
-- no acknowledged allocation lost: every one never released (nor rmpeer'd) is in its node's
-  final GET /ip;
-- the final states hold no address twice;
-- rings identical on every node within the limit after the last fault healed, and every
-  node allocates at the end (both measured by the runner and passed in).
+Answers are read as Jepsen reads them: an answer of 200/204 is a success, an answer of
+4xx or 503 a refusal (nothing happened), and no answer at all (timeout, reset, refused
+connection) or another 5xx is *indeterminate*: the operation may have taken effect at any
+time after it was sent.
+
+- **duplicate**: no address held by two idents at once.  An acknowledged allocate/claim
+  holds its address from its answer until the first release of that ident that succeeded
+  or is indeterminate (sent at t0), or until the first rmpeer request for its node's
+  incarnation (its ranges may go to the heir then).  A refused release ends nothing.
+- **lost**: a release answered 404 while the ident still held an acknowledged address
+  (the node forgot it), and every hold never ended must be in its node's final GET /ip.
+- **resurrected**: no acknowledged allocation on an incarnation after it was removed.
+- **removed-node-allocated** / **probe-unanswered**: a removed node back with its old data
+  must answer its probe allocation with a refusal; a probe that never got an answer
+  proves nothing and is reported, never taken as a refusal.
+- **restart-failed** / **unhealthy**: every restart of a fault (`up`, `old_up`,
+  `fresh_up`) and every node after the final heal answers /healthz.
+- **not-converged**: rings identical on every node within `limit_s` of the heal of the
+  last fault.
+- **cannot-allocate-at-end**, **final-duplicate**, **no-final-state**, **server-error**
+  (an answered 5xx other than 503).
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from .faults import RmpeerEvent
+from .faults import Fault, RmpeerEvent
 from .workload import Op
+
+CONVERGE_LIMIT = 10.0
+RESTARTS = ("up", "old_up", "fresh_up")  # Fault.detail keys: wait_healthy after a start
+
+
+def succeeded(o: Op) -> bool:
+    return o.status in (200, 204)
+
+
+def indeterminate(o: Op) -> bool:
+    """No answer, or a server error other than 503: it may have taken effect."""
+    return o.status == -1 or (o.status >= 500 and o.status != 503)
 
 
 @dataclass
@@ -32,28 +56,54 @@ class Held:
     end: float      # math.inf while never released
 
 
+@dataclass
+class RunRecord:
+    """Everything the runner saw; times are seconds since the workload started."""
+    ops: list[Op]
+    faults: list[Fault] = field(default_factory=list)
+    rmpeers: list[RmpeerEvent] = field(default_factory=list)
+    final: dict[int, dict[str, list[str]] | None] = field(default_factory=dict)
+    healed_at: float = 0.0                 # the last fault healed
+    converged_at: float | None = 0.0       # first time every ring was identical after it
+    converge_detail: list[Any] = field(default_factory=list)
+    healthy: dict[int, bool] = field(default_factory=dict)   # /healthz after the heal
+    end_alloc: list[tuple[int, int, str]] = field(default_factory=list)
+    limit_s: float = CONVERGE_LIMIT
+
+
 def intervals(ops: list[Op], rmpeers: list[RmpeerEvent]) -> list[Held]:
-    first_release: dict[str, float] = {}
+    ended: dict[str, float] = {}
     for o in ops:
-        if o.op == "release":
-            first_release[o.ident] = min(first_release.get(o.ident, math.inf), o.t0)
+        if o.op == "release" and (succeeded(o) or indeterminate(o)):
+            ended[o.ident] = min(ended.get(o.ident, math.inf), o.t0)
     removed_at = {(r.node, r.gen): r.t for r in rmpeers}
     held = []
     for o in ops:
         if o.ok and o.op in ("allocate", "claim") and o.address:
-            end = min(first_release.get(o.ident, math.inf),
-                      removed_at.get((o.node, o.gen), math.inf))
+            end = min(ended.get(o.ident, math.inf), removed_at.get((o.node, o.gen), math.inf))
             held.append(Held(o.address, o.ident, o.node, o.gen, o.t1, end))
     return held
 
 
-def check(ops: list[Op], rmpeers: list[RmpeerEvent],
-          final: dict[int, dict[str, list[str]] | None],
-          reset_nodes: set[tuple[int, int]]) -> list[dict[str, Any]]:
-    """Violations found; `final` is node -> ident -> addresses (None: no answer);
-    `reset_nodes` are (node, gen) incarnations wiped after rmpeer."""
-    v: list[dict[str, Any]] = []
-    held = intervals(ops, rmpeers)
+def check(run: RunRecord) -> list[dict[str, Any]]:
+    """Violations found, each with its `kind`; one per (kind, node, ident, address)."""
+    held = intervals(run.ops, run.rmpeers)
+    v = (_duplicates(held) + _lost(run, held) + _resurrected(run) + _faults(run)
+         + _recovery(run) + _final_duplicates(run))
+    v += [{"kind": "server-error", "op": o.op, "node": o.node, "ident": o.ident,
+           "answer": [o.status, o.detail], "t": round(o.t1, 3)}
+          for o in run.ops if o.status >= 500 and o.status != 503]
+    out, keys = [], set()
+    for x in v:
+        k = (x["kind"], x.get("node"), x.get("ident"), x.get("address"))
+        if k not in keys:
+            out.append(x)
+            keys.add(k)
+    return out
+
+
+def _duplicates(held: list[Held]) -> list[dict[str, Any]]:
+    v = []
     by_addr: dict[str, list[Held]] = defaultdict(list)
     for h in held:
         by_addr[h.address].append(h)
@@ -68,36 +118,87 @@ def check(ops: list[Op], rmpeers: list[RmpeerEvent],
                           "t": round(h.start, 3)})
             if h.end > cur.end:
                 cur = h
-    removed_at = {(r.node, r.gen): r.t for r in rmpeers}
-    for o in ops:
+    return v
+
+
+def _lost(run: RunRecord, held: list[Held]) -> list[dict[str, Any]]:
+    v: list[dict[str, Any]] = []
+    by_ident: dict[str, list[Held]] = defaultdict(list)
+    for h in held:
+        by_ident[h.ident].append(h)
+    for o in run.ops:
+        if o.op == "release" and o.status == 404:
+            for h in by_ident.get(o.ident, []):
+                if h.start <= o.t0 < h.end:
+                    v.append({"kind": "lost", "node": h.node, "ident": h.ident,
+                              "address": h.address, "t": round(o.t1, 3),
+                              "how": "release answered 404"})
+    reset = {(r.node, r.gen) for r in run.rmpeers}
+    for h in held:
+        if h.end != math.inf or (h.node, h.gen) in reset:
+            continue
+        owned = run.final.get(h.node)
+        if owned is None:
+            v.append({"kind": "no-final-state", "node": h.node})
+        elif h.address not in owned.get(h.ident, []):
+            v.append({"kind": "lost", "node": h.node, "ident": h.ident,
+                      "address": h.address, "t": round(h.start, 3),
+                      "how": "not in the node's final state"})
+    return v
+
+
+def _resurrected(run: RunRecord) -> list[dict[str, Any]]:
+    removed_at = {(r.node, r.gen): r.t for r in run.rmpeers}
+    v = []
+    for o in run.ops:
         t = removed_at.get((o.node, o.gen))
         if o.ok and o.op in ("allocate", "claim") and t is not None and o.t0 > t:
             v.append({"kind": "resurrected", "node": o.node, "ident": o.ident,
                       "address": o.address, "t": round(o.t1, 3)})
-    for h in held:
-        if h.end != math.inf or (h.node, h.gen) in reset_nodes:
+    return v
+
+
+def _faults(run: RunRecord) -> list[dict[str, Any]]:
+    v: list[dict[str, Any]] = []
+    for f in run.faults:
+        for key in RESTARTS:
+            if f.detail.get(key) is False:
+                v.append({"kind": "restart-failed", "node": f.nodes[0], "fault": f.kind,
+                          "restart": key, "t": round(f.t1, 3)})
+        if f.kind != "rmpeer" or not f.detail.get("removed"):
             continue
-        owned = final.get(h.node)
-        if owned is None:
-            v.append({"kind": "no-final-state", "node": h.node})
-            continue
-        if h.address not in owned.get(h.ident, []):
-            v.append({"kind": "lost", "node": h.node, "ident": h.ident,
-                      "address": h.address, "t": round(h.start, 3)})
+        answers = f.detail.get("probe", [])
+        answered = [a for a in answers if a[0] != -1]
+        if any(code == 200 for code, _ in answered):
+            v.append({"kind": "removed-node-allocated", "node": f.nodes[0], "answer": answers,
+                      "t": round(f.t1, 3)})
+        elif not answered or not 400 <= answered[-1][0] < 600:
+            v.append({"kind": "probe-unanswered", "node": f.nodes[0], "answer": answers,
+                      "t": round(f.t1, 3)})
+    return v
+
+
+def _recovery(run: RunRecord) -> list[dict[str, Any]]:
+    v: list[dict[str, Any]] = []
+    took = None if run.converged_at is None else run.converged_at - run.healed_at
+    if took is None or took > run.limit_s:
+        v.append({"kind": "not-converged", "limit_s": run.limit_s,
+                  "took_s": None if took is None else round(took, 3),
+                  "entries": run.converge_detail, "t": round(run.healed_at, 3)})
+    v += [{"kind": "unhealthy", "node": i} for i, ok in sorted(run.healthy.items()) if not ok]
+    v += [{"kind": "cannot-allocate-at-end", "node": i, "answer": [code, body]}
+          for i, code, body in run.end_alloc if code != 200]
+    return v
+
+
+def _final_duplicates(run: RunRecord) -> list[dict[str, Any]]:
+    v: list[dict[str, Any]] = []
     seen: dict[str, tuple[int, str]] = {}
-    for node, owned in final.items():
+    for node, owned in run.final.items():
         for ident, addrs in (owned or {}).items():
             for a in addrs:
                 if a in seen and seen[a] != (node, ident):
                     v.append({"kind": "final-duplicate", "address": a,
                               "holders": [list(seen[a]), [node, ident]]})
                 seen[a] = (node, ident)
-    # one violation per node for 'no-final-state'
-    out, keys = [], set()
-    for x in v:
-        k = (x["kind"], x.get("node")) if x["kind"] == "no-final-state" else None
-        if k is None or k not in keys:
-            out.append(x)
-            if k is not None:
-                keys.add(k)
-    return out
+    return v

@@ -18,6 +18,7 @@ from .harness import ChaosNode, sh
 from .workload import History
 
 KINDS = {"kill": 3, "pause": 3, "loss": 2, "partition": 3, "rmpeer": 2}
+PROBE_TRIES = 3
 
 
 @dataclass
@@ -248,9 +249,16 @@ class FaultInjector:
             return
         # its ranges may have gone to the heir from the first request on
         self.rmpeers.append(RmpeerEvent(x.node.idx, gen, name, t_first))
-        code, body = await x.call("POST", "/ip/wic-probe-removed", 5.0)
-        f.detail["returned_alloc"] = [code, body.strip()[:160]]
-        f.detail["refused"] = code != 200
+        # it must refuse to allocate; only an answer proves that (a timeout proves
+        # nothing), so an unanswered probe is retried and, if never answered, reported
+        probe: list[list[Any]] = []
+        for _ in range(PROBE_TRIES):
+            code, body = await x.call("POST", "/ip/wic-probe-removed", 5.0)
+            probe.append([code, body.strip()[:160]])
+            if code != -1:
+                break
+            await asyncio.sleep(1.0)
+        f.detail["probe"] = probe
         # reset: forget the old state and start fresh under a new name
         await asyncio.to_thread(x.node.kill)
         await asyncio.to_thread(x.node.wipe)

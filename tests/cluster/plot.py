@@ -91,7 +91,7 @@ def timeline(path: Path, ops: list[Op], faults: list[Fault], shares: list[tuple[
             ax.axvline(t, color="red", lw=1.0, alpha=0.8)
     if marks:
         ax_f.text(marks[0], -0.6, " violation", color="red", va="bottom", fontsize=9)
-    ax_s.text(t_heal, ax_s.get_ylim()[1], "faults stop ", color="green", va="top", ha="right",
+    ax_s.text(t_heal, ax_s.get_ylim()[1], "last fault healed ", color="green", va="top", ha="right",
               fontsize=9)
     fig.tight_layout(rect=(0, 0, 0.9, 0.97))
     fig.savefig(path, dpi=90)
