@@ -315,6 +315,31 @@ def test_propose_dedups_and_sorts_value() -> None:
     assert p.consensus() == ("a", "b", "c")
 
 
+def test_active_once_anyone_proposed_and_for_good() -> None:
+    """A joiner stays quiet until some node has proposed (it would only send empty claims)."""
+    p = Paxos("a", 2)
+    p.update({"b": Claims()})
+    assert not p.active()
+    assert not p.active()  # asking does not change the answer
+    p.update({"b": Claims(promise=(1, "b"))})
+    assert p.active()
+    q = Paxos("c", 2)
+    assert q.propose(("c",))
+    assert q.active()
+
+
+def test_propose_says_whether_it_started_a_ballot() -> None:
+    p = Paxos("a", 2)
+    assert p.propose(("a", "b")) is True
+    assert p.ours.promise == (1, "a")
+    top = Paxos.decode({"b": [MAX_VERSION, "b", 0, "", [], 0, ""]})
+    assert not isinstance(top, str)
+    p.update(top)
+    before = dict(p.claims)
+    assert p.propose(("a", "b")) is False  # rounds exhausted: nothing to gossip
+    assert p.claims == before
+
+
 def test_take_dirty() -> None:
     p = Paxos("a", 2)
     assert p.take_dirty() == {"a": Claims()}
@@ -379,6 +404,27 @@ def test_claims_from_wire_rejects(x: Any) -> None:
 def test_decode_rejects(obj: Any) -> None:
     res = Paxos.decode(obj)
     assert isinstance(res, str) and res
+
+
+def test_decode_errors_say_what_was_wrong() -> None:
+    assert Paxos.decode([]) == "paxos state must be a map of peer name to claims"
+    assert Paxos.decode({"b": Claims().to_wire(), "peer-x": [1]}) == \
+        "paxos claims for 'peer-x' are malformed"
+    assert Paxos.decode({"": Claims().to_wire()}) == "paxos claims for '' are malformed"
+
+
+def test_size_limits_are_inclusive() -> None:
+    """MAX_VALUE peers in a value, and claims for MAX_VALUE peers, are still accepted."""
+    names = [f"p{i}" for i in range(MAX_VALUE)]
+    full = [0, "", 1, "a", names, 1, "a"]
+    assert Claims.from_wire(full) is not None
+    assert Claims.from_wire([*full[:4], [*names, "one-more"], *full[5:]]) is None
+    wire1 = Claims().to_wire()
+    many = dict.fromkeys(names, wire1)
+    res = Paxos.decode(many)
+    assert isinstance(res, dict) and len(res) == MAX_VALUE
+    many["one-more"] = wire1
+    assert isinstance(Paxos.decode(many), str)
 
 
 def test_decode_accepts_empty_and_valid() -> None:
