@@ -324,7 +324,7 @@ def test_generation_moves_on_every_ownership_change() -> None:
 
 def test_take_used_asserts_and_free_unused_is_false() -> None:
     s = space([(0, 8)], used=[3])
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError, match="address already used"):
         s.take(3)
     assert not s.free(4)
     assert not s.free(-1)
