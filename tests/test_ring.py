@@ -446,6 +446,7 @@ def test_grant_cases() -> None:
     # the middle of an entry
     r = seeded(["alpha", "bravo"])
     assert r.grant(s + 32, s + 64, "charlie", "alpha", 1) == [s, s + 32, s + 64]
+    assert r.entries[s] == (1, "alpha", 32)  # its free hint cut to what is left of it
     assert [(o.start, o.end) for o in r.owned_by("alpha")] == [(s, s + 32), (s + 64, s + 128)]
     assert r.peers() == {"alpha": 96, "bravo": 128, "charlie": 32}
     # not the giver's entry
@@ -537,6 +538,7 @@ def test_owner_owned_by_peers_free_in() -> None:
     everything = Range(s, s + 256)
     assert r.free_in(everything, exclude="nobody") == {"alpha": 40, "bravo": 128, "charlie": 20}
     assert r.free_in(everything, exclude="bravo") == {"alpha": 40, "charlie": 20}
+    assert r.free_in(everything, exclude="alpha") == {"bravo": 128, "charlie": 20}
     # partial overlap: capped at the overlap size
     assert r.free_in(Range(s + 60, s + 70), exclude="nobody") == {"charlie": 4, "alpha": 6}
     assert r.free_in(Range(s + 128, s + 129), exclude="nobody") == {"bravo": 1}
@@ -682,6 +684,7 @@ def _mutations() -> list[tuple[str, Callable[[dict[str, Any]], Any]]]:
         ("removed not pairs", m(lambda w: w.__setitem__("r", [["echo"]]))),
         ("removed triple", m(lambda w: w.__setitem__("r", [["echo", "alpha", "x"]]))),
         ("removed bad name", m(lambda w: w.__setitem__("r", [["echo", 3]]))),
+        ("removed bad peer", m(lambda w: w.__setitem__("r", [["", "alpha"]]))),
         ("removed map", m(lambda w: w.__setitem__("r", {"echo": "alpha"}))),
         ("missing key", m(lambda w: w.pop("r"))),
         ("missing e", m(lambda w: w.pop("e"))),
@@ -720,7 +723,8 @@ REFUSAL = {
                     "seeds must be a list of peer names"),
     **dict.fromkeys(["seeds unsorted", "seeds repeated"], "seeds must be sorted and unique"),
     "no seeds but entries": "has entries but no seeds",
-    **dict.fromkeys(["removed not pairs", "removed triple", "removed bad name", "removed map"],
+    **dict.fromkeys(["removed not pairs", "removed triple", "removed bad name",
+                     "removed bad peer", "removed map"],
                     "removed list must hold [peer, heir] pairs"),
     **dict.fromkeys(["missing key", "missing e", "extra key"],
                     "must be a map with keys u, s, e, r"),
@@ -748,6 +752,7 @@ def test_wrong_universe() -> None:
     other = seeded(["alpha", "bravo", "charlie"], CIDR.parse("10.33.0.0/24"))
     res2 = mine.merge(other)
     assert isinstance(res2, RingError) and res2.kind == "universe"
+    assert res2.message == f"ring is for range 10.33.0.0/24, ours is {U4}"
     assert state(mine) == before and mine.digest() == d
 
 
@@ -775,6 +780,7 @@ def test_partial_ring_before_a_full_one_is_refused_and_changes_nothing() -> None
     empty = Ring(U4)
     res = empty.merge(delta)
     assert isinstance(res, RingError) and res.kind == "unseeded"
+    assert res.message == "partial ring received before a full one"
     assert empty.is_empty() and empty.seeds == () and empty.removed == {}
     assert empty.digest() == 0
     # a ring with only seeds (no entries) is not partial
@@ -944,3 +950,19 @@ def test_name_length_limit_is_inclusive() -> None:
     assert valid_name(longest) and valid_names(["a", longest])
     assert not valid_name(longest + "x") and not valid_names(["a", longest + "x"])
     assert not valid_name("") and not valid_names(["a", ""])
+
+
+def test_digest_of_no_ring_is_zero_and_every_digest_fits_64_bits() -> None:
+    """0 means "I have no ring" to a peer; digests travel as msgpack ints (64 bits)."""
+    e = Ring(U4)
+    assert e.digest() == 0 and e.digest() == 0
+    r = valid_ring()
+    assert 0 < r.digest() < 2**64
+    msgpack.packb({"t": "digest", "d": r.digest()})
+
+
+def test_mark_removed_says_whether_it_was_news() -> None:
+    r = valid_ring()
+    assert r.mark_removed("foxtrot", "alpha") is True
+    assert r.mark_removed("foxtrot", "bravo") is False
+    assert r.removed["foxtrot"] == "alpha"
