@@ -8,13 +8,13 @@ restored (the allocator persists them before it sends anything).
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 import msgpack
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from plants import weave_paxos_rule
 
 from weaveipam.core.paxos import MAX_VALUE, NONE, Claims, Paxos
 from weaveipam.core.ring import MAX_VERSION
@@ -28,89 +28,118 @@ def wire(claims: dict[str, Claims]) -> dict[str, Claims]:
     return out
 
 
-class Cluster:
+Op = tuple[str, int, int]
+
+
+class Net:
+    """k Paxos nodes on a faulty network, watched for two decisions after every event.
+
+    A node sends a snapshot of its claims (all of them, or only what changed, as the
+    allocator gossips), through the wire form; in-flight messages are delivered in any
+    order, duplicated or lost; a paused node neither acts nor takes deliveries until it is
+    resumed; a restarted node keeps only its own claims (persisted before it sends).
+    """
+
     def __init__(self, k: int, quorum: int | None = None) -> None:
         self.names = [f"n{i}" for i in range(k)]
         self.quorum = k // 2 + 1 if quorum is None else quorum
         self.nodes = {n: Paxos(n, self.quorum) for n in self.names}
         self.disk: dict[str, Claims] = {n: p.ours for n, p in self.nodes.items()}
+        self.paused: set[str] = set()
         self.net: list[tuple[str, dict[str, Claims]]] = []
-        self.decided: dict[tuple[str, ...], tuple[str, int]] = {}
+        self.decided: dict[tuple[str, ...], tuple[str, int]] = {}  # value -> (first node, step)
         self.proposals = 0
         self.steps = 0
 
-    def persist(self) -> None:
-        for n, p in self.nodes.items():
-            self.disk[n] = p.ours
+    def name(self, i: int) -> str:
+        return self.names[i % len(self.names)]
 
-    def observe(self) -> None:
+    def observe(self) -> str | None:
+        """The checker: every value any node ever reported decided; more than one is a
+        violation (a node changing its mind counts too)."""
         self.steps += 1
         for n, p in self.nodes.items():
+            self.disk[n] = p.ours
             v = p.consensus()
             if v is not None:
                 self.decided.setdefault(v, (n, self.steps))
-        assert len(self.decided) <= 1, f"two values decided: {self.decided}"
+        if len(self.decided) > 1:
+            seen = ", ".join(f"{v} at {n} (step {s})" for v, (n, s) in self.decided.items())
+            return f"two values decided: {seen}"
+        return None
 
     def propose(self, i: int) -> None:
-        n = self.names[i % len(self.names)]
+        n = self.name(i)
+        if n in self.paused:
+            return
         self.proposals += 1
-        value = (n, f"v{self.proposals}")  # every proposal a distinct value
-        self.nodes[n].propose(value)
+        self.nodes[n].propose((n, f"v{self.proposals}"))  # every proposal a distinct value
         self.nodes[n].think()
-        self.persist()
-        self.observe()
 
     def send(self, i: int, j: int, dirty_only: bool) -> None:
-        src = self.nodes[self.names[i % len(self.names)]]
-        snap = src.take_dirty() if dirty_only else dict(src.claims)
+        src = self.name(i)
+        if src in self.paused:
+            return
+        p = self.nodes[src]
+        snap = p.take_dirty() if dirty_only else dict(p.claims)
         if not snap:
             return
         snap = wire(snap)
-        if j % (len(self.names) + 1) == len(self.names):  # broadcast
-            self.net += [(n, snap) for n in self.names if n != src.name]
+        dst = self.name(j)
+        if dirty_only or dst == src:  # broadcast
+            self.net += [(n, snap) for n in self.names if n != src]
         else:
-            self.net.append((self.names[j % len(self.names)], snap))
+            self.net.append((dst, snap))
 
-    def deliver(self, idx: int, keep: bool) -> None:
+    def deliver(self, m: int, keep: bool) -> None:
+        """Message m modulo the in-flight count (-1: the newest); kept if duplicated."""
         if not self.net:
             return
-        dst, snap = self.net[idx % len(self.net)] if keep else self.net.pop(idx % len(self.net))
-        p = self.nodes[dst]
-        p.update(snap)
-        p.think()
-        self.persist()
-        self.observe()
-
-    def drop(self, idx: int) -> None:
-        if self.net:
-            self.net.pop(idx % len(self.net))
+        m %= len(self.net)
+        dst, snap = self.net[m]
+        if dst in self.paused:
+            return
+        if not keep:
+            self.net.pop(m)
+        self.nodes[dst].update(snap)
+        self.nodes[dst].think()
 
     def restart(self, i: int) -> None:
-        n = self.names[i % len(self.names)]
+        n = self.name(i)
         p = Paxos(n, self.quorum)
-        restored = Paxos.decode(msgpack.unpackb(
-            msgpack.packb(Paxos.encode({n: self.disk[n]}), use_bin_type=True), raw=False))
-        assert not isinstance(restored, str)
-        p.update(restored)
+        p.update(wire({n: self.disk[n]}))
         assert p.ours == self.disk[n]
         self.nodes[n] = p
-        self.observe()
 
-    def run(self, ops: list[tuple[str, int, int]]) -> None:
-        for kind, a, b in ops:
-            if kind == "propose":
-                self.propose(a)
-            elif kind == "send":
-                self.send(a, b, dirty_only=bool(b & 1))
-            elif kind == "deliver":
-                self.deliver(a, keep=b % 4 == 0)
-            elif kind == "drop":
-                self.drop(a)
-            elif kind == "restart":
-                self.restart(a)
+    def step(self, op: Op) -> str | None:
+        kind, a, b = op
+        if kind == "propose":
+            self.propose(a)
+        elif kind == "send":
+            self.send(a, b, dirty_only=False)
+        elif kind == "gossip":
+            self.send(a, b, dirty_only=True)
+        elif kind in ("deliver", "dup"):
+            self.deliver(a, keep=kind == "dup")
+        elif kind == "drop":
+            if self.net:
+                self.net.pop(a % len(self.net))
+        elif kind == "pause":  # SIGSTOP, or SIGCONT if paused
+            self.paused ^= {self.name(a)}
+        elif kind == "restart":
+            self.restart(a)
+        else:
+            raise ValueError(f"unknown op {kind!r}")
+        return self.observe()
 
-    def settle(self, rounds: int = 50) -> None:
-        """Reliable full gossip until nothing changes."""
+    def settle(self, rounds: int = 50) -> str | None:
+        """Heal: resume every node, deliver what is in flight, then gossip full claims
+        reliably until nothing changes; checked after every delivery."""
+        self.paused.clear()
+        while self.net:
+            self.deliver(0, keep=False)
+            if err := self.observe():
+                return err
         for _ in range(rounds):
             changed = False
             for src in self.names:
@@ -118,192 +147,164 @@ class Cluster:
                 for dst in self.names:
                     if dst != src:
                         p = self.nodes[dst]
-                        c1 = p.update(snap)
-                        c2 = p.think()
-                        changed = changed or c1 or c2
-            self.persist()
-            self.observe()
+                        changed = p.update(snap) | p.think() | changed
+                        if err := self.observe():
+                            return err
             if not changed:
-                return
+                return None
         raise AssertionError("gossip did not settle")
 
 
-OPS = st.lists(st.tuples(
-    st.sampled_from(["propose", "send", "send", "send", "deliver", "deliver", "deliver",
-                     "deliver", "drop", "restart"]),
-    st.integers(0, 63), st.integers(0, 63),
-), max_size=120)
+def paxos_violation(k: int, ops: list[Op]) -> str | None:
+    """Run a schedule on k nodes, then heal: the first violation found, or None."""
+    net = Net(k)
+    for op in ops:
+        if err := net.step(op):
+            return err
+    return net.settle()
 
 
-def test_two_values_decided_scenario() -> None:
-    """Two values decided under origin counting (Weave's rule), spelled out: 3 nodes, quorum 2."""
-    a, b, c = (Paxos(n, 2) for n in "ABC")
-    decided = set()
-
-    def send(src: Paxos, dst: Paxos) -> None:
-        dst.update(wire(dict(src.claims)))
-        dst.think()
-        for p in (a, b, c):
-            if p.consensus() is not None:
-                decided.add(p.consensus())
-
-    a.propose(("vA",))
-    a.think()
-    send(a, b)
-    send(b, a)  # A accepts (1,A) with its own value
-    c.propose(("vC",))
-    c.think()
-    send(c, b)
-    send(b, c)  # C accepts (1,C): a second origin
-    b.propose(("vB",))
-    b.think()
-    send(b, a)
-    send(a, b)  # B's ballot (2,B) adopts A's value: origin (1,A) now at A and B, but at
-    # two different ballots, which is not a decision
-    assert b.consensus() is None
-    c.propose(("vC2",))
-    c.think()
-    send(c, a)
-    send(a, c)  # C's ballot (2,C) sees A's (1,A) and its own (1,C): picks (1,C)
-    send(c, a)
-    # whatever gets decided from here on, at most one value may ever be
-    if a.consensus() is not None:
-        decided.add(a.consensus())
-    assert len(decided) <= 1, f"two values decided: {decided}"
+KINDS = ["propose", "send", "send", "send", "gossip", "deliver", "deliver", "deliver",
+         "deliver", "dup", "drop", "pause", "restart"]
+OPS = st.lists(st.tuples(st.sampled_from(KINDS), st.integers(0, 63), st.integers(0, 63)),
+               max_size=120)
 
 
+def tell(i: int, j: int) -> list[Op]:
+    """Node i's claims reach node j at once."""
+    return [("send", i, j), ("deliver", -1, 0)]
 
 
-def justified(p: Paxos) -> bool:
-    """A decision a node reports must be a Paxos decision in its own view: a quorum of
-    nodes that accepted the *same ballot* (hence the same value)."""
-    v = p.consensus()
-    if v is None:
-        return True
-    per_ballot: dict[tuple[int, str], list[tuple[str, ...]]] = {}
-    for c in p.claims.values():
-        if c.accepted != NONE:
-            per_ballot.setdefault(c.accepted, []).append(c.value)
-    return any(len(vs) >= p.quorum and set(vs) == {v} for vs in per_ballot.values())
+# Weave's rule decides two values here (3 nodes, quorum 2; n0, n1, n2 are A, B, C):
+SPELLED_OUT: list[Op] = [
+    ("propose", 0, 0), *tell(0, 1), *tell(1, 0),  # A accepts (1,A) with its value vA
+    ("propose", 2, 0), *tell(2, 1), *tell(1, 2),  # C accepts (1,C) with vC
+    ("propose", 1, 0), *tell(1, 0), *tell(0, 1),  # B's (2,B) adopts vA: origin (1,A) at A
+    # and B, at two ballots (Weave: decided vA)
+    ("propose", 2, 0), *tell(2, 0), *tell(0, 2),  # C's (2,C) hears A's (1,A), its own (1,C):
+    *tell(2, 0),                                  # picks vC; A accepts: decided vC
+]
+# ... and here, where a delayed message is needed (found by a seeded random search of
+# proposals and round trips among 3 nodes: 1 schedule in 20,000; shrunk by removing ops):
+# C's promise to A's ballot (3,n0) arrives after C promised B's (3,n1), so A accepts C's
+# old value with C's origin and counts 2 of it, while B and C decide B's value at (3,n1).
+FOUND: list[Op] = [
+    ("propose", 2, 2), ("send", 2, 1), ("deliver", -1, 0), ("send", 1, 2),
+    ("propose", 1, 0), ("deliver", -1, 0), ("send", 1, 0), ("deliver", -1, 0),
+    ("send", 0, 1), ("deliver", -1, 0), ("propose", 0, 1), ("send", 0, 2),
+    ("deliver", -1, 0), ("send", 2, 0), ("propose", 1, 1), ("send", 1, 2),
+    ("deliver", -1, 0), ("send", 2, 1), ("deliver", -1, 0), ("deliver", -1, 0),
+    ("send", 1, 2), ("deliver", -1, 0),
+]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.integers(3, 9), OPS)
-def test_safety_never_two_values_decided(k: int, ops: list[tuple[str, int, int]]) -> None:
-    """The safety property itself, under reordering, duplication, loss and restarts.
-
-    The schedules that break it are rare (see test_two_values_decided_scenario), so this
-    one stays green today; the next test checks the invariant that rules them out.
-    """
-    c = Cluster(k)
-    c.run(ops)
-    c.settle()
+@settings(max_examples=400, derandomize=True, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@example(k=3, ops=SPELLED_OUT)
+@example(k=3, ops=FOUND)
+@given(k=st.integers(3, 7), ops=OPS)
+def test_no_two_nodes_ever_decide_different_values(k: int, ops: list[Op]) -> None:
+    """Safety: competing proposers with distinct values, messages reordered, duplicated
+    and lost, nodes paused and restarted; then healed.  Never two decided values."""
+    assert paxos_violation(k, ops) is None
 
 
-def random_ops(rnd: random.Random, n: int) -> list[tuple[str, int, int]]:
-    kinds = ["propose", "send", "send", "send", "deliver", "deliver", "deliver", "deliver",
-             "drop", "restart"]
-    return [(rnd.choice(kinds), rnd.randrange(64), rnd.randrange(64)) for _ in range(n)]
+def test_the_safety_check_catches_weaves_rule() -> None:
+    """With Weave's counting rule planted, the property test fails, on its explicit
+    schedules.  Random schedules alone rarely reach it: none of 5,000 hypothesis examples
+    of OPS did, and a seeded search of proposals and round trips found 1 in 20,000."""
+    with weave_paxos_rule():
+        for ops in (SPELLED_OUT, FOUND):
+            err = paxos_violation(3, ops)
+            assert err is not None and err.startswith("two values decided"), err
+        with pytest.raises(AssertionError, match="two values decided"):
+            test_no_two_nodes_ever_decide_different_values()
+    # and our rule on the same schedules: one value, and it gets decided once healed
+    for ops in (SPELLED_OUT, FOUND):
+        net = Net(3)
+        for op in ops:
+            assert net.step(op) is None
+        assert net.settle() is None
+        assert len({p.consensus() for p in net.nodes.values()}) == 1
+        assert len(net.decided) == 1
 
 
-def test_every_reported_decision_is_a_same_ballot_quorum() -> None:
-    """Checked on fixed pseudo-random schedules (deterministic, and no shrinking cost)."""
-    for seed in range(300):
-        rnd = random.Random(seed)
-        c = Cluster(3 + seed % 7)
-        orig = c.observe
-
-        def observe(c: Cluster = c, orig: Any = orig) -> None:
-            orig()
-            for n, p in c.nodes.items():
-                assert justified(p), (n, p.consensus(), p.claims)
-
-        c.observe = observe  # type: ignore[method-assign]
-        c.run(random_ops(rnd, 80))
-        c.settle()
-
-
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, derandomize=True, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(3, 9), OPS, st.data())
-def test_safety_with_a_single_proposer(
-    k: int, ops: list[tuple[str, int, int]], data: st.DataObject
-) -> None:
+def test_safety_with_a_single_proposer(k: int, ops: list[Op], data: st.DataObject) -> None:
     """With only one node ever proposing, nothing can disagree, whatever the network does."""
-    c = Cluster(k)
     who = data.draw(st.integers(0, k - 1))
-    c.run([(kind, who if kind == "propose" else a, b) for kind, a, b in ops])
-    c.settle()
+    ops = [(kind, who if kind == "propose" else a, b) for kind, a, b in ops]
+    assert paxos_violation(k, ops) is None
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, derandomize=True, deadline=None)
 @given(st.integers(3, 9), st.data())
 def test_liveness_one_proposer_reliable_delivery(k: int, data: st.DataObject) -> None:
-    c = Cluster(k)
+    net = Net(k)
     who = data.draw(st.integers(0, k - 1))
-    c.propose(who)
-    c.settle()
-    values = {p.consensus() for p in c.nodes.values()}
-    assert values == {(c.names[who], "v1")}
+    net.propose(who)
+    assert net.settle() is None
+    values = {p.consensus() for p in net.nodes.values()}
+    assert values == {(net.names[who], "v1")}
     # a node restarted afterwards still sees the decision once it hears from others
     r = data.draw(st.integers(0, k - 1))
-    c.restart(r)
-    c.settle()
-    assert {p.consensus() for p in c.nodes.values()} == values
-    assert all(p.known() == k for p in c.nodes.values())
+    net.restart(r)
+    assert net.settle() is None
+    assert {p.consensus() for p in net.nodes.values()} == values
+    assert all(p.known() == k for p in net.nodes.values())
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, derandomize=True, deadline=None)
 @given(st.integers(3, 9), st.data())
 def test_liveness_with_only_a_quorum_up(k: int, data: st.DataObject) -> None:
     q = k // 2 + 1
-    up = Cluster(q, quorum=q)  # the first q of k nodes; the others never answer
+    up = Net(q, quorum=q)  # the first q of k nodes; the others never answer
     who = data.draw(st.integers(0, q - 1))
     up.propose(who)
-    up.settle()
+    assert up.settle() is None
     assert {p.consensus() for p in up.nodes.values()} == {(up.names[who], "v1")}
 
 
 def test_no_consensus_below_quorum() -> None:
-    c = Cluster(5)
-    c.nodes["n0"].propose(("x",))
-    c.nodes["n0"].think()
-    for dst in ("n1",):  # only two nodes of five ever talk
-        for _ in range(5):
-            c.nodes[dst].update(wire(dict(c.nodes["n0"].claims)))
-            c.nodes[dst].think()
-            c.nodes["n0"].update(wire(dict(c.nodes[dst].claims)))
-            c.nodes["n0"].think()
-    assert c.nodes["n0"].consensus() is None
-    assert c.nodes["n0"].ours.accepted == NONE
+    net = Net(5)
+    net.propose(0)
+    for _ in range(5):  # only two nodes of five ever talk
+        for op in (*tell(0, 1), *tell(1, 0)):
+            assert net.step(op) is None
+    assert net.nodes["n0"].consensus() is None
+    assert net.nodes["n0"].ours.accepted == NONE
 
 
 def test_restart_does_not_count_twice_or_forget_a_promise() -> None:
-    c = Cluster(3)
-    c.propose(0)
-    c.send(0, 1, dirty_only=False)
-    c.deliver(0, keep=False)  # n1 promised (1, n0)
-    promised = c.nodes["n1"].ours.promise
+    net = Net(3)
+    net.propose(0)
+    for op in tell(0, 1):
+        net.step(op)
+    promised = net.nodes["n1"].ours.promise
     assert promised == (1, "n0")
-    c.restart(1)
-    assert c.nodes["n1"].ours.promise == promised
-    assert c.nodes["n1"].known() == 1  # knows only itself, under its own name
-    c.settle()
-    assert {p.consensus() for p in c.nodes.values()} == {("n0", "v1")}
-    assert all(p.known() == 3 for p in c.nodes.values())
+    net.restart(1)
+    assert net.nodes["n1"].ours.promise == promised
+    assert net.nodes["n1"].known() == 1  # knows only itself, under its own name
+    assert net.settle() is None
+    assert {p.consensus() for p in net.nodes.values()} == {("n0", "v1")}
+    assert all(p.known() == 3 for p in net.nodes.values())
 
 
 def test_restarted_proposer_without_its_value_does_not_accept_empty() -> None:
-    c = Cluster(3)
-    c.propose(0)
-    c.restart(0)  # proposal_value is not persisted
-    assert c.nodes["n0"].proposal_value == ()
-    c.settle()
-    for p in c.nodes.values():
+    net = Net(3)
+    net.propose(0)
+    net.observe()
+    net.restart(0)  # proposal_value is not persisted
+    assert net.nodes["n0"].proposal_value == ()
+    assert net.settle() is None
+    for p in net.nodes.values():
         assert p.ours.accepted == NONE or p.ours.value
         assert p.consensus() is None
-    c.propose(1)
-    c.settle()
-    assert {p.consensus() for p in c.nodes.values()} == {("n1", "v2")}
+    net.propose(1)
+    assert net.settle() is None
+    assert {p.consensus() for p in net.nodes.values()} == {("n1", "v2")}
 
 
 def test_propose_dedups_and_sorts_value() -> None:
@@ -312,6 +313,31 @@ def test_propose_dedups_and_sorts_value() -> None:
     assert p.proposal_value == ("a", "b", "c")
     p.think()
     assert p.consensus() == ("a", "b", "c")
+
+
+def test_active_once_anyone_proposed_and_for_good() -> None:
+    """A joiner stays quiet until some node has proposed (it would only send empty claims)."""
+    p = Paxos("a", 2)
+    p.update({"b": Claims()})
+    assert not p.active()
+    assert not p.active()  # asking does not change the answer
+    p.update({"b": Claims(promise=(1, "b"))})
+    assert p.active()
+    q = Paxos("c", 2)
+    assert q.propose(("c",))
+    assert q.active()
+
+
+def test_propose_says_whether_it_started_a_ballot() -> None:
+    p = Paxos("a", 2)
+    assert p.propose(("a", "b")) is True
+    assert p.ours.promise == (1, "a")
+    top = Paxos.decode({"b": [MAX_VERSION, "b", 0, "", [], 0, ""]})
+    assert not isinstance(top, str)
+    p.update(top)
+    before = dict(p.claims)
+    assert p.propose(("a", "b")) is False  # rounds exhausted: nothing to gossip
+    assert p.claims == before
 
 
 def test_take_dirty() -> None:
@@ -378,6 +404,27 @@ def test_claims_from_wire_rejects(x: Any) -> None:
 def test_decode_rejects(obj: Any) -> None:
     res = Paxos.decode(obj)
     assert isinstance(res, str) and res
+
+
+def test_decode_errors_say_what_was_wrong() -> None:
+    assert Paxos.decode([]) == "paxos state must be a map of peer name to claims"
+    assert Paxos.decode({"b": Claims().to_wire(), "peer-x": [1]}) == \
+        "paxos claims for 'peer-x' are malformed"
+    assert Paxos.decode({"": Claims().to_wire()}) == "paxos claims for '' are malformed"
+
+
+def test_size_limits_are_inclusive() -> None:
+    """MAX_VALUE peers in a value, and claims for MAX_VALUE peers, are still accepted."""
+    names = [f"p{i}" for i in range(MAX_VALUE)]
+    full = [0, "", 1, "a", names, 1, "a"]
+    assert Claims.from_wire(full) is not None
+    assert Claims.from_wire([*full[:4], [*names, "one-more"], *full[5:]]) is None
+    wire1 = Claims().to_wire()
+    many = dict.fromkeys(names, wire1)
+    res = Paxos.decode(many)
+    assert isinstance(res, dict) and len(res) == MAX_VALUE
+    many["one-more"] = wire1
+    assert isinstance(Paxos.decode(many), str)
 
 
 def test_decode_accepts_empty_and_valid() -> None:

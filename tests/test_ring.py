@@ -17,7 +17,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from weaveipam.core.addr import CIDR, Range
-from weaveipam.core.ring import FREE_CAP, MARKER, MAX_VERSION, TRANSFER_BUMP, Ring, RingError
+from weaveipam.core.ring import (
+    FREE_CAP,
+    MARKER,
+    MAX_NAME,
+    MAX_VERSION,
+    TRANSFER_BUMP,
+    Ring,
+    RingError,
+    valid_name,
+    valid_names,
+)
 
 U4 = CIDR.parse("10.32.0.0/24")
 U26 = CIDR.parse("10.32.1.64/26")
@@ -436,6 +446,7 @@ def test_grant_cases() -> None:
     # the middle of an entry
     r = seeded(["alpha", "bravo"])
     assert r.grant(s + 32, s + 64, "charlie", "alpha", 1) == [s, s + 32, s + 64]
+    assert r.entries[s] == (1, "alpha", 32)  # its free hint cut to what is left of it
     assert [(o.start, o.end) for o in r.owned_by("alpha")] == [(s, s + 32), (s + 64, s + 128)]
     assert r.peers() == {"alpha": 96, "bravo": 128, "charlie": 32}
     # not the giver's entry
@@ -527,9 +538,12 @@ def test_owner_owned_by_peers_free_in() -> None:
     everything = Range(s, s + 256)
     assert r.free_in(everything, exclude="nobody") == {"alpha": 40, "bravo": 128, "charlie": 20}
     assert r.free_in(everything, exclude="bravo") == {"alpha": 40, "charlie": 20}
+    assert r.free_in(everything, exclude="alpha") == {"bravo": 128, "charlie": 20}
     # partial overlap: capped at the overlap size
     assert r.free_in(Range(s + 60, s + 70), exclude="nobody") == {"charlie": 4, "alpha": 6}
     assert r.free_in(Range(s + 128, s + 129), exclude="nobody") == {"bravo": 1}
+    r.set_free(s + 128, 1)  # one free address still makes a donor
+    assert r.free_in(everything, exclude="nobody") == {"alpha": 40, "bravo": 1, "charlie": 20}
     r.set_free(s + 128, 0)
     assert r.free_in(everything, exclude="nobody") == {"alpha": 40, "charlie": 20}
     assert len(r) == 4 and not r.is_empty() and Ring(U4).is_empty()
@@ -670,6 +684,7 @@ def _mutations() -> list[tuple[str, Callable[[dict[str, Any]], Any]]]:
         ("removed not pairs", m(lambda w: w.__setitem__("r", [["echo"]]))),
         ("removed triple", m(lambda w: w.__setitem__("r", [["echo", "alpha", "x"]]))),
         ("removed bad name", m(lambda w: w.__setitem__("r", [["echo", 3]]))),
+        ("removed bad peer", m(lambda w: w.__setitem__("r", [["", "alpha"]]))),
         ("removed map", m(lambda w: w.__setitem__("r", {"echo": "alpha"}))),
         ("missing key", m(lambda w: w.pop("r"))),
         ("missing e", m(lambda w: w.pop("e"))),
@@ -687,7 +702,33 @@ def test_bad_ring_is_refused_and_changes_nothing(
     res = Ring.from_wire(good, U4)
     assert isinstance(res, RingError), what
     assert res.kind == "invalid"
-    assert res.message
+    assert res.message == "ring " + REFUSAL[what]  # what was wrong, for the peer's log
+
+
+SHAPE = "entry must be [token bytes, peer, version, free]"
+BOUNDS = "entry version or free count out of bounds"
+REFUSAL = {
+    **dict.fromkeys(["unsorted", "repeated token"], "entries are not sorted or repeat a token"),
+    **dict.fromkeys(["token past the end", "token far out"],
+                    "entry token lies outside the range"),
+    **dict.fromkeys(["token too short", "token too long", "token as int", "token as str",
+                     "version bool", "version float", "version str", "free None",
+                     "entry short", "entry long", "entry map", "entry None"], SHAPE),
+    **dict.fromkeys(["marker with free", "negative free", "huge free", "free 2**64-1",
+                     "negative version", "version past max", "version 2**64-1"], BOUNDS),
+    **dict.fromkeys(["peer int", "peer empty", "peer too long", "peer unprintable",
+                     "peer bytes"], "entry peer must be a peer name"),
+    **dict.fromkeys(["entries map", "entries str"], "entries must be a list"),
+    **dict.fromkeys(["seeds str", "seed int", "seed empty name"],
+                    "seeds must be a list of peer names"),
+    **dict.fromkeys(["seeds unsorted", "seeds repeated"], "seeds must be sorted and unique"),
+    "no seeds but entries": "has entries but no seeds",
+    **dict.fromkeys(["removed not pairs", "removed triple", "removed bad name",
+                     "removed bad peer", "removed map"],
+                    "removed list must hold [peer, heir] pairs"),
+    **dict.fromkeys(["missing key", "missing e", "extra key"],
+                    "must be a map with keys u, s, e, r"),
+}
 
 
 @pytest.mark.parametrize("obj", [None, 1, "ring", b"", [], {}, {"u": str(U4)},
@@ -704,12 +745,14 @@ def test_wrong_universe() -> None:
         w["u"] = u
         res = Ring.from_wire(w, U4)
         assert isinstance(res, RingError) and res.kind == "universe"
+        assert res.message == f"ring is for range {str(u)!r}, ours is {U4}"
     # a ring parsed for another universe is refused by merge and changes nothing
     mine = valid_ring()
     before, d = state(mine), mine.digest()
     other = seeded(["alpha", "bravo", "charlie"], CIDR.parse("10.33.0.0/24"))
     res2 = mine.merge(other)
     assert isinstance(res2, RingError) and res2.kind == "universe"
+    assert res2.message == f"ring is for range 10.33.0.0/24, ours is {U4}"
     assert state(mine) == before and mine.digest() == d
 
 
@@ -720,7 +763,8 @@ def test_seeds_mismatch_is_refused_and_changes_nothing() -> None:
     theirs.mark_removed("foxtrot", "alpha")
     res = mine.merge(roundtrip(theirs))
     assert isinstance(res, RingError) and res.kind == "seeds"
-    assert "alpha,bravo" in res.message and "alpha,bravo,charlie" in res.message
+    assert res.message == ("ring was seeded by different peers: alpha,bravo there, "
+                           "alpha,bravo,charlie here")
     assert state(mine) == before and mine.digest() == d
     # and an empty ring that adopted one seed set then refuses another
     e = Ring(U4)
@@ -736,6 +780,7 @@ def test_partial_ring_before_a_full_one_is_refused_and_changes_nothing() -> None
     empty = Ring(U4)
     res = empty.merge(delta)
     assert isinstance(res, RingError) and res.kind == "unseeded"
+    assert res.message == "partial ring received before a full one"
     assert empty.is_empty() and empty.seeds == () and empty.removed == {}
     assert empty.digest() == 0
     # a ring with only seeds (no entries) is not partial
@@ -897,3 +942,27 @@ def test_removed_list_with_a_repeated_peer_is_refused() -> None:
     w["r"] = [["echo", "zulu"], ["echo", "alpha"]]
     res = Ring.from_wire(w, U4)
     assert isinstance(res, RingError) and res.kind == "invalid"
+    assert res.message == "ring removed list must be sorted with each peer once"
+
+
+def test_name_length_limit_is_inclusive() -> None:
+    longest = "x" * MAX_NAME
+    assert valid_name(longest) and valid_names(["a", longest])
+    assert not valid_name(longest + "x") and not valid_names(["a", longest + "x"])
+    assert not valid_name("") and not valid_names(["a", ""])
+
+
+def test_digest_of_no_ring_is_zero_and_every_digest_fits_64_bits() -> None:
+    """0 means "I have no ring" to a peer; digests travel as msgpack ints (64 bits)."""
+    e = Ring(U4)
+    assert e.digest() == 0 and e.digest() == 0
+    r = valid_ring()
+    assert 0 < r.digest() < 2**64
+    msgpack.packb({"t": "digest", "d": r.digest()})
+
+
+def test_mark_removed_says_whether_it_was_news() -> None:
+    r = valid_ring()
+    assert r.mark_removed("foxtrot", "alpha") is True
+    assert r.mark_removed("foxtrot", "bravo") is False
+    assert r.removed["foxtrot"] == "alpha"

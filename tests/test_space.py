@@ -261,6 +261,7 @@ def test_empty_space() -> None:
     assert not s.has_free(Range(0, 100))
     assert s.donation(Range(0, 100)) is None
     assert s.free_total() == 0 and s.owned_size() == 0 and s.used == 0
+    assert s.owned() == []  # asked by status before the ring exists
 
 
 def test_no_immediate_reuse_then_wrap() -> None:
@@ -300,9 +301,30 @@ def test_next_free_across_ranges_and_window() -> None:
     assert s.next_free(Range(30, 33), 31) == 32
 
 
+def test_taking_just_below_a_used_run_joins_it() -> None:
+    """Addresses taken out of order (claims, a restore) still form one run, so next_free
+    skips all of it rather than stopping where a piece of it began."""
+    s = space([(0, 16)], used=[5, 6, 4])
+    assert s.next_free(Range(0, 16), 4) == 7
+    s = space([(0, 16)], used=[9, 8])
+    assert s.next_free(Range(0, 16), 8) == 10
+    assert s.free(9)
+    assert s.next_free(Range(0, 16), 8) == 9
+
+
+def test_generation_moves_on_every_ownership_change() -> None:
+    """The simulator re-indexes a node's ownership only when its generation moved."""
+    s = Space()
+    seen = {s.generation}
+    for owned in ([Range(0, 8)], [Range(0, 4)], [Range(0, 4), Range(8, 12)]):
+        s.set_owned(owned)
+        assert s.generation not in seen
+        seen.add(s.generation)
+
+
 def test_take_used_asserts_and_free_unused_is_false() -> None:
     s = space([(0, 8)], used=[3])
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError, match="address already used"):
         s.take(3)
     assert not s.free(4)
     assert not s.free(-1)

@@ -1,0 +1,324 @@
+"""The allocator's README rules, each driven through its sans-IO interface with explicit times.
+
+A few allocators are wired by `World`: every output is taken after each call, `Persist`
+records go to the node's disk (a `Snapshot`, what a restart starts from), `Send`s cross a
+msgpack round trip to the peers linked to the sender, and `Reply`s are kept per request id.
+Time moves only when a test says so.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from typing import Any
+
+from weaveipam.core.addr import CIDR
+from weaveipam.core.allocator import (
+    Allocate,
+    Allocator,
+    Event,
+    InitMode,
+    Persist,
+    Prime,
+    Reply,
+    RmPeer,
+    Send,
+)
+from weaveipam.core.records import Snapshot
+from weaveipam.sim.wire import transit
+
+RANGE = CIDR.parse("10.32.0.0/24")
+A, B, C = "peer-a", "peer-b", "peer-c"  # sorted: the heir of C is A, of A is B
+
+
+class Node:
+    def __init__(self, name: str, init: str, now: float, disk: Snapshot | None = None,
+                 auto_prime: bool = False) -> None:
+        self.name = name
+        self.disk = copy.deepcopy(disk) if disk is not None else Snapshot()
+        self.alloc = Allocator(name=name, nickname=name[-1], universe=RANGE,
+                               init=InitMode.parse(init), rng=random.Random(name), now=now,
+                               snapshot=copy.deepcopy(disk), auto_prime=auto_prime)
+        self.outbox: list[Send] = []
+        self.replies: dict[int, Reply] = {}
+        self.events: list[Event] = []
+        self.drain()
+
+    def drain(self) -> None:
+        for o in self.alloc.take_outputs():
+            if isinstance(o, Persist):
+                self.disk.apply(o.record)  # durable before the batch's sends and replies
+            elif isinstance(o, Send):
+                self.outbox.append(o)
+            elif isinstance(o, Reply):
+                self.replies[o.rid] = o
+            else:
+                self.events.append(o)
+
+
+class World:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.nodes: dict[str, Node] = {}
+        self.links: set[frozenset[str]] = set()
+        self.lossy: set[frozenset[str]] = set()  # up, but every message between them is lost
+        self.rid = 0
+
+    def add(self, name: str, init: str, disk: Snapshot | None = None,
+            auto_prime: bool = False) -> Node:
+        self.nodes[name] = n = Node(name, init, self.now, disk, auto_prime)
+        return n
+
+    def connect(self, a: str, b: str) -> None:
+        self.links.add(frozenset((a, b)))
+        self.nodes[a].alloc.peer_up(b, b[-1], self.now)
+        self.nodes[b].alloc.peer_up(a, a[-1], self.now)
+        self.flush()
+
+    def cut(self, a: str, b: str) -> None:
+        self.links.discard(frozenset((a, b)))
+        self.nodes[a].alloc.peer_down(b, self.now)
+        self.nodes[b].alloc.peer_down(a, self.now)
+        self.flush()
+
+    def flush(self) -> None:
+        """Deliver every message until none is left (each link in order)."""
+        for _ in range(10_000):
+            for n in self.nodes.values():
+                n.drain()
+            moving = [(n, s) for n in self.nodes.values() for s in n.outbox]
+            if not moving:
+                return
+            for n in self.nodes.values():
+                n.outbox.clear()
+            for n, s in moving:
+                dests = [s.dest] if s.dest is not None else sorted(self.nodes)
+                for d in dests:
+                    link = frozenset((n.name, d))
+                    if d != n.name and link in self.links and link not in self.lossy:
+                        self.nodes[d].alloc.receive(n.name, transit(s.msg)[1], self.now)
+        raise AssertionError("messages never stopped")
+
+    def run_until(self, t: float, dt: float = 0.1) -> None:
+        while self.now + dt <= t + 1e-9:
+            self.now = round(self.now + dt, 6)
+            for n in self.nodes.values():
+                n.alloc.tick(self.now)
+            self.flush()
+
+    def call(self, name: str, req: Any) -> int:
+        self.rid += 1
+        self.nodes[name].alloc.request(self.rid, req, self.now)
+        self.flush()
+        return self.rid
+
+    def reply(self, name: str, rid: int) -> Reply | None:
+        return self.nodes[name].replies.get(rid)
+
+
+def ok(w: World, name: str, rid: int) -> Any:
+    r = w.reply(name, rid)
+    assert r is not None, f"{name}: request {rid} got no answer yet"
+    assert r.error is None, f"{name}: {r.error}"
+    return r.value
+
+
+def owners(n: Node) -> dict[int, str]:
+    return {tok: e[1] for tok, e in n.alloc.ring.entries.items()}
+
+
+def seeded(names: tuple[str, ...]) -> World:
+    """Nodes seeded with one ring (seed=...), all linked, rings exchanged."""
+    w = World()
+    for n in names:
+        w.add(n, "seed=" + ",".join(names))
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            w.connect(a, b)
+    return w
+
+
+# ---- split ------------------------------------------------------------------------------
+
+
+def test_rings_seeded_by_different_peers_stop_allocation() -> None:
+    """Two groups seeded apart meet: both say `split` with the recovery step, and refuse
+    to allocate rather than hand out addresses the other group may hold."""
+    w = World()
+    w.add(A, f"seed={A}")
+    w.add(B, f"seed={B}")
+    a1 = ok(w, A, w.call(A, Allocate("pod-a1")))
+    b1 = ok(w, B, w.call(B, Allocate("pod-b1")))
+    assert a1 == b1  # each believes it owns the whole range: this is what must stop
+    w.connect(A, B)
+    w.run_until(6.0)  # anti-entropy compares rings within ANTI_ENTROPY * 1.25
+    for name, other in ((A, B), (B, A)):
+        n = w.nodes[name]
+        assert n.alloc.state() == "split"
+        rid = w.call(name, Allocate(f"pod-{name}-2"))
+        r = w.reply(name, rid)
+        assert r is not None and r.error is not None, r
+        assert r.error.code == "unavailable"
+        assert "seeded by different peers" in r.error.message
+        assert "weaveipam reset" in r.error.message  # the recovery step
+        assert other in r.error.message
+        assert set(owners(n).values()) == {name}  # the other group's ring was not taken in
+        assert f"pod-{name}-2" not in n.alloc.allocations()
+    assert any(e.level == "error" for e in w.nodes[A].events)
+
+
+# ---- rmpeer -----------------------------------------------------------------------------
+
+
+def test_rmpeer_of_a_reachable_peer_is_refused() -> None:
+    w = seeded((A, B, C))
+    before = owners(w.nodes[A])
+    assert C in before.values()
+    # asked on the heir itself (A is C's heir)
+    r = w.reply(A, w.call(A, RmPeer(C)))
+    assert r is not None and r.error is not None and r.error.code == "conflict", r
+    assert f"peer {C} is reachable; stop it" in r.error.message  # and what to do
+    # asked on B, which cannot reach C, while C's heir A can: forwarded, and refused there
+    w.cut(B, C)
+    r = w.reply(B, w.call(B, RmPeer(C)))
+    assert r is not None and r.error is not None and r.error.code == "conflict", r
+    assert f"peer {C} is reachable from {A}" in r.error.message
+    w.run_until(3.0)  # longer than the heir's wait: nothing happens later either
+    for n in w.nodes.values():
+        assert owners(n) == before
+        assert C not in n.alloc.ring.removed
+
+
+def test_a_peer_back_during_the_heirs_wait_is_refused() -> None:
+    """The heir waits for every reachable peer's ring before taking over; if the removed
+    peer comes back meanwhile it is not gone, even if it is hidden again before the wait
+    ends, and the rmpeer is refused at once."""
+    w = seeded((A, B, C))
+    w.cut(A, C)
+    w.cut(B, C)
+    before = owners(w.nodes[A])
+    w.lossy.add(frozenset((A, B)))  # B's ring never reaches A: A waits TAKEOVER_WAIT
+    rid = w.call(A, RmPeer(C))
+    w.run_until(1.0)
+    assert w.reply(A, rid) is None  # waiting for B
+    w.connect(A, C)  # C is back ...
+    r = w.reply(A, rid)
+    assert r is not None and r.error is not None and r.error.code == "conflict", r
+    assert f"peer {C} is reachable" in r.error.message
+    w.cut(A, C)  # ... and hidden again before the wait would have ended
+    w.run_until(4.0)
+    assert owners(w.nodes[A]) == before
+    assert C not in w.nodes[A].alloc.ring.removed
+
+
+def test_rmpeer_of_a_dead_peer_completes_after_the_heirs_wait() -> None:
+    """The counterpart of the two refusals: the same rmpeer with C gone takes C's ranges
+    once the wait ends, so those tests fail for the rule, not for want of a takeover."""
+    w = seeded((A, B, C))
+    w.cut(A, C)
+    w.cut(B, C)
+    w.lossy.add(frozenset((A, B)))
+    rid = w.call(A, RmPeer(C))
+    w.run_until(1.0)
+    assert w.reply(A, rid) is None
+    w.run_until(2.5)
+    res = ok(w, A, rid)
+    assert res["peer"] == C and res["heir"] == A and res["moved"] > 0
+    assert C not in owners(w.nodes[A]).values()
+
+
+# ---- restarts ---------------------------------------------------------------------------
+
+
+def test_whole_cluster_restart_allocates_after_the_grace_with_what_it_merged() -> None:
+    """Restarted with no peer in sync (every node restarted), a node allocates only once
+    SYNC_GRACE has passed, then from its ring merged with its peers'."""
+    w = seeded((A, B, C))
+    held = ok(w, A, w.call(A, Allocate("pod-a")))
+    w.cut(A, B)
+    w.cut(A, C)
+    for i in range(80):  # B runs out of its quarter and gets space from C; A hears nothing
+        ok(w, B, w.call(B, Allocate(f"pod-b{i}")))
+    granted = set(owners(w.nodes[B]).items()) - set(owners(w.nodes[A]).items())
+    assert any(o == B for _, o in granted)
+    disks = {n: w.nodes[n].disk for n in (A, B)}
+
+    r = World()  # the whole cluster restarts from disk at t=100; A and B come back
+    r.now = 100.0
+    for n in (A, B):
+        r.add(n, f"seed={A},{B},{C}", disk=disks[n])
+    r.connect(A, B)
+    rid = r.call(A, Allocate("after-restart"))
+    r.run_until(109.5)  # SYNC_GRACE is 10 s from the restart
+    assert r.reply(A, rid) is None
+    assert r.nodes[A].alloc.state() == "rejoining"
+    r.run_until(111.0)
+    got = ok(r, A, rid)
+    a = r.nodes[A].alloc
+    assert granted <= set(owners(r.nodes[A]).items())  # B's grant from C, merged
+    assert a.ring.digest() == r.nodes[B].alloc.ring.digest()
+    assert a.ring.owner(got) == A and got != held
+    assert a.allocations()["pod-a"] == {held: ""}  # kept over the restart
+
+
+def test_a_restarted_node_with_an_in_sync_peer_allocates_without_waiting() -> None:
+    w = seeded((A, B))
+    ok(w, A, w.call(A, Allocate("pod-1")))
+    disk = w.nodes[A].disk
+    w.cut(A, B)
+    w.now = 50.0
+    w.add(A, f"seed={A},{B}", disk=disk)  # only A restarts; B stayed in sync
+    rid = w.call(A, Allocate("pod-2"))
+    assert w.reply(A, rid) is None  # no peer heard yet
+    w.connect(A, B)
+    w.run_until(51.5)
+    assert ok(w, A, rid) is not None
+
+
+# ---- auto prime -------------------------------------------------------------------------
+
+
+def test_auto_prime_waits_for_all_or_a_quorum_after_five_seconds() -> None:
+    """consensus=3 with 2 of 3 up: consensus starts by itself only after AUTO_PRIME_AFTER,
+    with the quorum that is there; with 1 of 3 never; with all 3 at once."""
+    w = World()
+    for n in (A, B):
+        w.add(n, "consensus=3", auto_prime=True)
+    w.connect(A, B)
+    w.run_until(4.8)
+    for n in (A, B):
+        assert w.nodes[n].alloc.ring.is_empty()
+        assert w.nodes[n].alloc.state() == "idle"
+    w.run_until(6.0)
+    for n in (A, B):
+        assert w.nodes[n].alloc.ring.seeds == (A, B)
+        assert w.nodes[n].alloc.can_allocate()
+
+    alone = World()
+    alone.add(C, "consensus=3", auto_prime=True)
+    alone.run_until(30.0)
+    assert alone.nodes[C].alloc.ring.is_empty()
+    assert alone.nodes[C].alloc.state() == "idle"
+
+    full = World()
+    for n in (A, B, C):
+        full.add(n, "consensus=3", auto_prime=True)
+    full.connect(A, B)
+    full.connect(B, C)
+    full.connect(A, C)
+    full.run_until(1.0)
+    for n in (A, B, C):
+        assert full.nodes[n].alloc.ring.seeds == (A, B, C)
+
+
+def test_without_auto_prime_consensus_waits_for_a_request() -> None:
+    w = World()
+    for n in (A, B):
+        w.add(n, "consensus=3")
+    w.connect(A, B)
+    w.run_until(20.0)
+    assert w.nodes[A].alloc.ring.is_empty()
+    rid = w.call(A, Prime())
+    w.run_until(21.0)
+    assert ok(w, A, rid) == "awaiting-consensus"
+    assert w.nodes[B].alloc.ring.seeds == (A, B)
