@@ -263,7 +263,6 @@ class Daemon:
                              host=cfg.host, port=cfg.port, conn_limit=cfg.conn_limit,
                              on_message=self._on_message, on_peer_up=self._on_peer_up,
                              on_peer_down=self._on_peer_down,
-                             on_duplicate_name=self._on_duplicate_name,
                              heartbeat=cfg.heartbeat, dead_timeout=cfg.dead_timeout,
                              max_frame=cfg.max_frame, password=cfg.password)
             await self.mesh.start()
@@ -537,10 +536,6 @@ class Daemon:
     def _on_peer_down(self, name: str) -> None:
         log.info("peer %s unreachable", name)
         self._run("peer down", lambda now: self.allocator.peer_down(name, now))
-
-    def _on_duplicate_name(self, p: PeerInfo) -> None:
-        self._run("duplicate name", lambda now: self.allocator.duplicate_name(
-            f"uid {p.uid}, nickname {p.nickname!r}"))
 
     # ---- timers ----------------------------------------------------------------------------
 
