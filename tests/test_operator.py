@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
+import socket
+import threading
+import time
 
 from daemons import Cluster, Node, cluster, wait_for  # noqa: F401
 from stranger import forge_hello
@@ -63,3 +67,39 @@ async def test_forged_hello_with_a_connected_peers_name_keeps_the_real_link(
     assert f"peer {b.name} unreachable" not in a.log_tail(200)
     assert b.name in {p["name"] for p in a.report()["peers"] if p["reachable"]}
     assert await asyncio.to_thread(b.allocate, "y")
+
+
+def _post_and_leave(node: Node, path: str) -> None:
+    """Send a request and hang up at once: a client that has gone."""
+    with socket.create_connection(("127.0.0.1", node.http_port), timeout=5) as s:
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode())
+        time.sleep(0.2)
+
+
+def test_sigterm_with_only_waiting_work_exits_at_once_and_keeps_acknowledged(
+        cluster: Cluster) -> None:
+    a, b = cluster.add(2)
+    acked = {f"k{i}": a.allocate(f"k{i}") for i in range(5)}
+    wait_for(lambda: len({e["peer"] for e in a.report()["entries"]}) == 2, what="ring")
+    theirs = next(e for e in a.report()["entries"] if e["peer"] == b.name)
+    subnet = f"/{theirs['token']}/24"  # space only b can give
+    b.kill()
+    _post_and_leave(a, f"/ip/gone{subnet}")
+    answer: list[tuple[int, str]] = []
+    stays = threading.Thread(target=lambda: answer.append(a.api("POST", f"/ip/stays{subnet}",
+                                                                timeout=30)))
+    stays.start()
+    wait_for(lambda: len(a.report()["pending"]) == 2, what="two allocations waiting")
+    t0 = time.monotonic()
+    a.signal(signal.SIGTERM)
+    assert a.proc is not None
+    rc = a.proc.wait(5)  # a hang-catching deadline; base waited its whole 10 s grace
+    took = time.monotonic() - t0
+    print(f"\nSIGTERM to exit with 2 allocations waiting for space: {took:.3f} s")
+    stays.join(10)
+    assert rc == 0, a.log_tail()
+    code, text = answer[0]
+    assert code == 503 and "shutting down" in text, answer
+    a.start()
+    assert {k: a.lookup(k) for k in acked} == {k: [v] for k, v in acked.items()}
+    assert a.lookup("gone") == [] and a.lookup("stays") == []

@@ -190,7 +190,7 @@ class Daemon:
 
     def request_stop(self) -> None:
         if not self._stop.is_set():
-            log.info("stopping: finishing in-flight requests")
+            log.info("stopping")
         self._stop.set()
 
     async def call(self, req: Request) -> Any:
@@ -576,26 +576,34 @@ class Daemon:
     # ---- stop ------------------------------------------------------------------------------
 
     async def shutdown(self) -> None:
-        """Finish in-flight requests (up to the grace period), make everything durable,
-        then close the servers, the mesh and the store."""
+        """Stop promptly: work still waiting in the engine (for consensus, space, a ring or
+        an heir) is failed with "shutting down"; only batches already being committed are
+        waited for.  Then close the servers, the mesh and the store."""
         self.stopping = True
-        deadline = time.monotonic() + self.cfg.shutdown_grace
-        while self._waiters and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        for fut in list(self._waiters.values()):
-            if not fut.done():
-                fut.set_exception(ApiError("unavailable", "the daemon is shutting down; "
-                                           "retry shortly"))
+        # Nothing more reaches the engine: waiting work could only finish by handing out
+        # an address nobody may hear about, and a peer's message could make it promise
+        # what it can no longer keep.
+        self._closed = True
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-        if self._tail is not None:
-            await self._tail  # committed and handed to the mesh (e.g. a reset's handover)
+        if self._tail is not None:  # committed and handed on (e.g. a reset's handover)
+            done, _ = await asyncio.wait({self._tail}, timeout=self.cfg.shutdown_grace)
+            if not done:
+                log.warning("store commits still in flight after %gs; stopping anyway",
+                            self.cfg.shutdown_grace)
+        waiting = [f for f in self._waiters.values() if not f.done()]
+        if waiting:
+            log.info("stopping: %d request(s) waiting for consensus, space or a peer "
+                     "answered \"shutting down\"", len(waiting))
+        for fut in waiting:
+            fut.set_exception(ApiError("unavailable", "the daemon is shutting down; this "
+                                       "request was still waiting and nothing was done: "
+                                       "retry once the daemon is back"))
         if self.mesh is not None:
             await asyncio.sleep(FLUSH_DELAY)  # the mesh drops unwritten frames at stop
-            # after this, no more peer callbacks: the pipeline can drain for good
             stop = asyncio.create_task(self.mesh.stop())
             done, _ = await asyncio.wait({stop}, timeout=MESH_STOP_TIMEOUT)
             if not done:
@@ -605,7 +613,6 @@ class Daemon:
                 stop.cancel()
             elif stop.exception() is not None:
                 log.error("stopping the peer network failed", exc_info=stop.exception())
-        self._closed = True
         if self._tail is not None:
             await self._tail  # every batch durable, every reply handed to its handler
         for r in reversed(self._runners):
