@@ -146,7 +146,7 @@ class Api:
     async def owned(self, req: web.Request) -> web.Response:
         owned = [{"containerid": ident, "addrs": [self._cidr_text(a) for a in addrs],
                   "notes": list(addrs.values())}
-                 for ident, addrs in self.d.allocator.allocations().items()]
+                 for ident, addrs in self.d.allocations().items()]
         return web.json_response({"owned": owned})
 
     async def release(self, req: web.Request) -> web.Response:

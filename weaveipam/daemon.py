@@ -41,7 +41,7 @@ from .core.allocator import (
 from .core.records import Record, Snapshot
 from .mesh import ConnInfo, Mesh, MeshError, PeerInfo
 from .names import check_name, default_nickname, derive_name, new_uid, read_name, write_name
-from .store import Store, StoreError
+from .store import Store, StoreError, disk_error
 
 log = logging.getLogger("weaveipam.daemon")
 
@@ -219,6 +219,13 @@ class Daemon:
             raise ApiError(reply.error.code, reply.error.message)
         return reply.value
 
+    def allocations(self) -> dict[str, dict[int, str]]:
+        """Everything held here, for `GET /ip`; refused like any request once the store
+        has failed, as memory may then hold allocations that were never acknowledged."""
+        if self.store_error is not None:
+            raise ApiError("unavailable", self.store_error)
+        return self.allocator.allocations()
+
     def inflight(self) -> int:
         return len(self._waiters)
 
@@ -253,7 +260,7 @@ class Daemon:
         except ValueError as e:
             raise StartupError(f"cannot restore state from {cfg.store_path}: {e}. "
                                + self._discard_hint()) from e
-        write_name(cfg.data_dir, self.name)
+        self._keep_name()
         # the constructor's records (identity, a seed ring) are durable before we talk
         await self._commit_now(self.alloc.take_outputs())
         from .metrics import Metrics
@@ -291,7 +298,8 @@ class Daemon:
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(d / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as e:
-            raise StartupError(f"cannot use data dir {d}: {e}") from e
+            raise StartupError(f"cannot use data dir {d}: "
+                               f"{disk_error(e, e.filename or d)}") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -300,21 +308,36 @@ class Daemon:
             raise StartupError(f"another weaveipam daemon (pid {other or '?'}) is using data "
                                f"dir {d}; stop it first, or give this one its own --data-dir"
                                ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
+        try:  # only for the message above: a full disk must not stop us here
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as e:
+            log.debug("could not record our pid in %s: %s", d / LOCK_FILE, e)
 
     def _open_store(self) -> Store:
+        """The store's errors say what is wrong and what to do; discarding the state is
+        advised only for a file that is not a usable store."""
         try:
             return Store(self.cfg.store_path)
         except StoreError as e:
-            raise StartupError(f"{e}. " + self._discard_hint()) from e
+            raise StartupError(str(e)) from e
 
     def _load(self, store: Store) -> Snapshot:
         try:
             return store.load()
         except StoreError as e:
-            raise StartupError(f"{e}. " + self._discard_hint()) from e
+            raise StartupError(str(e)) from e
+
+    def _keep_name(self) -> None:
+        """Keep the name beside the state (no write at all when it is already there)."""
+        d = self.cfg.data_dir
+        try:
+            if read_name(d) != self.name:
+                write_name(d, self.name)
+        except OSError as e:
+            raise StartupError(f"cannot record this peer's name in {d}: "
+                               f"{disk_error(e, e.filename or d)}") from e
 
     def _discard_hint(self) -> str:
         d = self.cfg.data_dir
@@ -324,7 +347,12 @@ class Daemon:
 
     def _resolve_name(self, snap: Snapshot) -> str:
         cfg = self.cfg
-        name = cfg.name or read_name(cfg.data_dir) or snap.name or derive_name(cfg.data_dir)
+        try:
+            kept = read_name(cfg.data_dir)
+        except OSError as e:
+            raise StartupError(f"cannot read this peer's name from {cfg.data_dir}: "
+                               f"{disk_error(e, e.filename or cfg.data_dir)}") from e
+        name = cfg.name or kept or snap.name or derive_name(cfg.data_dir)
         err = check_name(name)
         if err:
             raise StartupError(f"--name {name!r}: {err}")
@@ -502,9 +530,9 @@ class Daemon:
     def _store_failed(self, err: BaseException, outs: list[Reply | Send]) -> None:
         """Memory is now ahead of disk: acknowledge nothing more until a restart reloads."""
         if self.store_error is None:
-            self.store_error = (f"the store could not be written ({err}); this peer stopped "
-                                "answering to stay consistent: fix the disk and restart the "
-                                "daemon")
+            self.store_error = (f"the store failed, so this peer answers no request until "
+                                "it is restarted (what it holds in memory may be ahead of "
+                                f"the disk) and /healthz fails: {err}")
             log.error("%s", self.store_error)
         self._deliver(outs)
 
