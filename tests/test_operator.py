@@ -103,3 +103,30 @@ def test_sigterm_with_only_waiting_work_exits_at_once_and_keeps_acknowledged(
     a.start()
     assert {k: a.lookup(k) for k in acked} == {k: [v] for k, v in acked.items()}
     assert a.lookup("gone") == [] and a.lookup("stays") == []
+
+
+def test_small_things_an_operator_tries(cluster: Cluster) -> None:
+    (n,) = cluster.add(1, init="consensus=1")
+    n.allocate("first")
+    # the subnet's network and broadcast addresses: allocation never hands them out
+    for addr, edge in (("10.32.0.15", "broadcast"), ("10.32.0.16", "network")):
+        prefix = "28"
+        code, text = n.api("PUT", f"/ip/c1/{addr}/{prefix}")
+        assert code == 400 and f"is the {edge} address of subnet" in text, (code, text)
+    assert n.lookup("c1") == []
+    assert n.api("PUT", "/ip/c1/10.32.0.14/28")[0] == 204
+    # rmpeer of ourselves explains, by nickname as by name
+    for who in (n.name, n.nickname):
+        code, text = n.api("DELETE", f"/peer/{who}")
+        assert code == 400 and "cannot rmpeer this peer itself" in text, (who, code, text)
+    # request lines aiohttp refuses: one log line each, no traceback
+    for raw in (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+                b"GET /\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", n.http_port), timeout=5) as s:
+            s.sendall(raw)
+            assert s.recv(100).startswith(b"HTTP/1.0 400")
+    wait_for(lambda: n.log_tail(50).count("Error handling request") == 2, what="logged")
+    log = n.log_tail(50)
+    assert "Traceback" not in log, log
+    assert "Got more than 8190 bytes" in log and "Invalid char in url path" in log, log
+    assert n.allocate("last")

@@ -127,7 +127,7 @@ class Api:
         a = self._addr(req.match_info["ip"])
         t0 = time.perf_counter()
         try:
-            await self.d.call(Claim(ident, a, req.query.get("note", "")))
+            await self.d.call(Claim(ident, a, req.query.get("note", ""), subnet))
         finally:
             self._observe("allocate", t0)
         if wants_json(req):

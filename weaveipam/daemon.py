@@ -384,7 +384,7 @@ class Daemon:
 
         cfg = self.cfg
         api = web.AppRunner(make_api_app(self), handle_signals=False, access_log=None,
-                            shutdown_timeout=5.0)
+                            shutdown_timeout=5.0, logger=_http_log())
         await api.setup()
         self._runners.append(api)
         sock = cfg.socket or default_socket(cfg.data_dir)
@@ -409,7 +409,7 @@ class Daemon:
                 raise StartupError(f"cannot listen on --http-addr {host}:{port}: {e}") from e
         if cfg.status_addr is not None:
             st = web.AppRunner(make_status_app(self), handle_signals=False, access_log=None,
-                               shutdown_timeout=2.0)
+                               shutdown_timeout=2.0, logger=_http_log())
             await st.setup()
             self._runners.append(st)
             host, port = cfg.status_addr
@@ -661,6 +661,34 @@ class Daemon:
             os.close(self._lock_fd)
             self._lock_fd = None
         log.info("stopped")
+
+
+class _OneLine(logging.Filter):
+    """aiohttp logs a request it cannot parse (an oversize or non-ASCII request line) with
+    a full traceback; it is the client's mistake, and one line says all of it."""
+
+    def __init__(self, bad: type[Exception]) -> None:
+        super().__init__()
+        self.bad = bad
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, self.bad):
+            why = " ".join(str(getattr(exc, "message", exc)).split())
+            record.msg, record.args = "%s: %s", (record.getMessage(), why[:200])
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def _http_log() -> logging.Logger:
+    """The local servers' logger: aiohttp's, with bad requests on one line."""
+    from aiohttp.http_exceptions import HttpProcessingError
+
+    lg = logging.getLogger("weaveipam.http")
+    if not lg.filters:
+        lg.addFilter(_OneLine(HttpProcessingError))
+    return lg
 
 
 def _log_tasks() -> None:

@@ -63,6 +63,7 @@ class Claim:
     ident: str
     addr: int
     note: str = ""
+    subnet: CIDR | None = None  # the caller's subnet: its edges are never handed out
 
 
 @dataclass(frozen=True)
@@ -431,6 +432,13 @@ class Allocator:
         if isinstance(req, Claim) and req.addr not in self.universe:
             return (f"address {self._fmt(req.addr)} is not inside the allocation range "
                     f"{self.universe}")
+        if isinstance(req, Claim) and req.subnet is not None \
+                and req.addr not in req.subnet.usable():
+            edge = "network" if req.addr == req.subnet.start else (
+                "broadcast" if req.subnet.bits == 32 else "last")
+            return (f"address {self._fmt(req.addr)} is the {edge} address of subnet "
+                    f"{req.subnet}, which allocation never hands out; claim an address "
+                    "inside the subnet")
         if isinstance(req, Release) and req.addr is not None and req.addr not in self.universe:
             return f"address {self._fmt(req.addr)} is not inside the range {self.universe}"
         return None
@@ -614,6 +622,8 @@ class Allocator:
     def resolve_peer(self, text: str) -> str | None:
         if text in self.ring.peers() or text in self.peers or text in self.ring.removed:
             return text
+        if text in (self.name, self.nickname):
+            return self.name  # so that rmpeer of ourselves is explained, by either name
         for n, p in self.peers.items():
             if p.nickname == text:
                 return n
