@@ -110,6 +110,15 @@ def test_read_only_filesystem_at_startup_is_named() -> None:
 def test_immutable_data_dir_or_store_is_named() -> None:
     with disks.ext4() as fs, node_on(fs) as n:
         acked = {f"a{i}": n.allocate(f"a{i}") for i in range(3)}
+        wal = n.data_dir / "ipam.db-wal"
+        disks.chattr("+i", wal)  # while running: the next commit cannot be written
+        try:
+            code, text = n.api("POST", "/ip/late")
+            health = n.status("/healthz")
+        finally:
+            disks.chattr("-i", wal)
+        assert code == 503 and "not permitted" in text and f"lsattr -d {wal}" in text, text
+        assert health[0] == 503 and "not permitted" in health[1], health
         assert n.stop() == 0
         for victim in (n.data_dir, n.data_dir / "ipam.db"):
             disks.chattr("+i", victim)
