@@ -315,6 +315,20 @@ async def test_same_name_other_uid_is_refused(world: World) -> None:
     assert a.reach() == set() and clone.reach() == set() and not a.established()
 
 
+async def test_hello_under_a_connected_peers_name_is_refused(world: World) -> None:
+    a, b = await pair(world)
+    (link,) = a.established()
+    for uid in (1, 2, 3):  # a stranger's hellos, one after another: no flapping
+        reader, writer = await world.raw(a.port)
+        writer.write(encode(Hello(PROTOCOL_VERSION, "B", "b", uid, 0, 99, 99)))
+        frames = frames_in(await read_until_eof(reader, 3.0))
+        assert isinstance(frames[0], Hello) and isinstance(frames[-1], ErrorFrame)
+        assert "already connected" in frames[-1].reason
+    assert a.established() == [link] and a.reach() == {"B"} and b.reach() == {"A"}
+    assert a.mesh.refused_hellos() == {"own-name": 0, "name-in-use": 3}
+    assert a.downs == [] and b.downs == []
+
+
 async def test_dialling_ourselves_stops(world: World) -> None:
     a = await world.node("A")
     a.connect(a)
