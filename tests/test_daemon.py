@@ -310,22 +310,19 @@ def test_sigterm_mid_load_exits_zero_and_keeps_acknowledged(cluster: Cluster) ->
     assert "stopped" in n.log_tail(5)
 
 
-def test_duplicate_name_is_refused(cluster: Cluster) -> None:
-    a, b = cluster.add(2, start=False)
+def test_cloned_name_is_refused_at_the_handshake_without_stopping_either(
+        cluster: Cluster) -> None:
+    a, b = cluster.add(2, init="consensus=1", start=False)
     b.name = a.name  # a cloned machine
     for n in (a, b):
         n.start(wait=False)
     for n in (a, b):
         n.wait_up()
-
-    def faulted() -> bool:
-        return any(n.report()["state"] == "duplicate-name" for n in (a, b))
-
-    wait_for(faulted, what="duplicate name detected")
-    bad = next(n for n in (a, b) if n.report()["state"] == "duplicate-name")
-    code, text = bad.api("POST", "/ip/dup", timeout=10)
-    assert code == 503 and "name" in text
-    assert bad.status("/readyz")[0] == 503
+    wait_for(lambda: all("claims our own name" in n.log_tail(100) for n in (a, b)),
+             what="both refuse the clone")
+    for n in (a, b):
+        assert not [c for c in n.report()["connections"] if c["state"] == "established"]
+        assert n.report()["state"] != "duplicate-name"
 
 
 def test_second_daemon_on_same_data_dir_refuses(cluster: Cluster) -> None:

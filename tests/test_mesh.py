@@ -55,14 +55,13 @@ class Node:
         self.msgs: list[tuple[str, dict[str, Any]]] = []
         self.ups: list[PeerInfo] = []
         self.downs: list[str] = []
-        self.dups: list[PeerInfo] = []
         opts = {**FAST, "max_frame": MAX_FRAME, **kw}
         self.mesh = Mesh(
             name=name, nickname=name.lower(), uid=uid if uid is not None else hash(name) & 0xFFFF,
             host="127.0.0.1", port=port,
             on_message=lambda src, p: self.msgs.append((src, p)),
             on_peer_up=self.ups.append, on_peer_down=self.downs.append,
-            on_duplicate_name=self.dups.append, **opts,
+            **opts,
         )
 
     @property
@@ -306,13 +305,26 @@ async def test_same_name_other_uid_is_refused(world: World) -> None:
     a = await world.node("A", uid=1)
     clone = await world.node("A", uid=2)
     clone.connect(a)
-    await until(lambda: a.dups and clone.dups, what="duplicate-name callbacks")
-    assert a.dups[0] == PeerInfo("A", "a", 2)
-    assert clone.dups[0] == PeerInfo("A", "a", 1)
+    await until(lambda: a.mesh.refused_hellos()["own-name"]
+                and clone.mesh.refused_hellos()["own-name"], what="both refuse")
     await until(lambda: any(c.state == "failed" for c in clone.mesh.connections()))
     (row,) = clone.mesh.connections()
-    assert "duplicate" in row.info
+    assert "own name" in row.info
     assert a.reach() == set() and clone.reach() == set() and not a.established()
+
+
+async def test_hello_under_a_connected_peers_name_is_refused(world: World) -> None:
+    a, b = await pair(world)
+    (link,) = a.established()
+    for uid in (1, 2, 3):  # a stranger's hellos, one after another: no flapping
+        reader, writer = await world.raw(a.port)
+        writer.write(encode(Hello(PROTOCOL_VERSION, "B", "b", uid, 0, 99, 99)))
+        frames = frames_in(await read_until_eof(reader, 3.0))
+        assert isinstance(frames[0], Hello) and isinstance(frames[-1], ErrorFrame)
+        assert "already connected" in frames[-1].reason
+    assert a.established() == [link] and a.reach() == {"B"} and b.reach() == {"A"}
+    assert a.mesh.refused_hellos() == {"own-name": 0, "name-in-use": 3}
+    assert a.downs == [] and b.downs == []
 
 
 async def test_dialling_ourselves_stops(world: World) -> None:
@@ -528,8 +540,9 @@ def test_duplicate_connection_tie_break_is_symmetric() -> None:
     for first, second in (on_a, on_b):
         assert not keep_new(first, second)  # A-dialled conn1 survives
         assert keep_new(second, first)
-    restarted = Hello(1, "B", "", 2, 1, session=21, nonce=5)
-    assert keep_new(on_a[0], ConnIdentity(False, a, restarted))
+    # another session (a restart, or a stranger with the name) never displaces a link
+    restarted = Hello(1, "B", "", 2, 1, session=21, nonce=500)
+    assert not keep_new(on_a[0], ConnIdentity(False, a, restarted))
 
 
 def test_big_topology_is_split_into_acceptable_frames() -> None:

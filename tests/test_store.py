@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import os
 import random
@@ -29,7 +30,7 @@ from weaveipam.core.records import (
     SetRing,
     Snapshot,
 )
-from weaveipam.store import SCHEMA_VERSION, Store, StoreError, discard_files
+from weaveipam.store import SCHEMA_VERSION, Store, StoreError, discard_files, disk_error
 
 V6_A = int(ipaddress.IPv6Address("fd00::1"))
 V6_MAX = 2**128 - 1
@@ -377,7 +378,7 @@ def test_garbage_file_raises_naming_file_and_fix(db: Path) -> None:
     with pytest.raises(StoreError) as info:
         Store(db)
     msg = str(info.value)
-    assert str(db) in msg and "weaveipam reset" in msg
+    assert str(db) in msg and "weaveipam reset" in msg and info.value.unusable
     assert db.read_bytes().startswith(b"this is not sqlite")  # left untouched
 
 
@@ -482,3 +483,52 @@ def test_acknowledged_commits_survive_process_death(db: Path, how: str) -> None:
     assert (snap.name, snap.universe) == ("peer", "fd00::/64")
     for i in acked[1:]:
         assert snap.allocations[f"c{i}"] == {(0xFD00 << 112) + i: f"pod{i}", 2**128 - 1 - i: ""}
+
+
+def _eio_on(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reads of the store's files fail with EIO, as on a failing disk (device-mapper's
+    `error` target is not available everywhere, so the kernel's answer is injected)."""
+    real = os.pread
+
+    def pread(fd: int, n: int, offset: int) -> bytes:
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(db)):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(fd, n, offset)
+
+    monkeypatch.setattr(os, "pread", pread)
+
+
+async def test_eio_is_named_while_running_and_at_open(
+        db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Store(db)
+    await store.commit([PutAllocation("kept", 1)])
+    conn = store._conn
+    assert conn is not None
+    with store._db_lock:
+        conn.execute("PRAGMA query_only = ON")  # sqlite's own write fails, as it would
+    _eio_on(db, monkeypatch)
+    with pytest.raises(StoreError) as info:
+        await store.commit([PutAllocation("lost", 2)])
+    msg = str(info.value)
+    assert info.value.kind == "io" and "I/O error (EIO)" in msg and "dmesg" in msg, msg
+    assert "weaveipam reset" not in msg and "do not reset" in msg
+    with store._db_lock:
+        conn.execute("PRAGMA query_only = OFF")
+    store.close()
+    with pytest.raises(StoreError) as info:
+        Store(db)
+    assert info.value.kind == "io" and "weaveipam reset" not in str(info.value)
+    monkeypatch.undo()
+    with Store(db) as again:
+        assert again.load().allocations == {"kept": {1: ""}}
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EPERM, errno.EACCES,
+                                  errno.EIO, errno.EDQUOT])
+def test_each_disk_error_has_its_own_words_and_never_advises_reset(code: int) -> None:
+    err = disk_error(OSError(code, os.strerror(code)), "/var/lib/weave")
+    others = {disk_error(OSError(c, os.strerror(c)), "/var/lib/weave").kind
+              for c in (errno.ENOSPC, errno.EROFS, errno.EPERM, errno.EACCES, errno.EIO)}
+    assert len(others) == 5
+    assert "/var/lib/weave" in str(err) and "weaveipam reset" not in str(err)
+    assert not err.unusable

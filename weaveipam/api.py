@@ -127,7 +127,7 @@ class Api:
         a = self._addr(req.match_info["ip"])
         t0 = time.perf_counter()
         try:
-            await self.d.call(Claim(ident, a, req.query.get("note", "")))
+            await self.d.call(Claim(ident, a, req.query.get("note", ""), subnet))
         finally:
             self._observe("allocate", t0)
         if wants_json(req):
@@ -146,7 +146,7 @@ class Api:
     async def owned(self, req: web.Request) -> web.Response:
         owned = [{"containerid": ident, "addrs": [self._cidr_text(a) for a in addrs],
                   "notes": list(addrs.values())}
-                 for ident, addrs in self.d.allocator.allocations().items()]
+                 for ident, addrs in self.d.allocations().items()]
         return web.json_response({"owned": owned})
 
     async def release(self, req: web.Request) -> web.Response:

@@ -41,7 +41,7 @@ from .core.allocator import (
 from .core.records import Record, Snapshot
 from .mesh import ConnInfo, Mesh, MeshError, PeerInfo
 from .names import check_name, default_nickname, new_name, new_uid, read_name, write_name
-from .store import Store, StoreError
+from .store import Store, StoreError, disk_error
 
 log = logging.getLogger("weaveipam.daemon")
 
@@ -190,7 +190,7 @@ class Daemon:
 
     def request_stop(self) -> None:
         if not self._stop.is_set():
-            log.info("stopping: finishing in-flight requests")
+            log.info("stopping")
         self._stop.set()
 
     async def call(self, req: Request) -> Any:
@@ -218,6 +218,13 @@ class Daemon:
         if reply.error is not None:
             raise ApiError(reply.error.code, reply.error.message)
         return reply.value
+
+    def allocations(self) -> dict[str, dict[int, str]]:
+        """Everything held here, for `GET /ip`; refused like any request once the store
+        has failed, as memory may then hold allocations that were never acknowledged."""
+        if self.store_error is not None:
+            raise ApiError("unavailable", self.store_error)
+        return self.allocator.allocations()
 
     def inflight(self) -> int:
         return len(self._waiters)
@@ -256,7 +263,7 @@ class Daemon:
         except ValueError as e:
             raise StartupError(f"cannot restore state from {cfg.store_path}: {e}. "
                                + self._discard_hint()) from e
-        write_name(cfg.data_dir, self.name)
+        self._keep_name()
         # the constructor's records (identity, a seed ring) are durable before we talk
         await self._commit_now(self.alloc.take_outputs())
         from .metrics import Metrics
@@ -294,7 +301,8 @@ class Daemon:
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(d / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as e:
-            raise StartupError(f"cannot use data dir {d}: {e}") from e
+            raise StartupError(f"cannot use data dir {d}: "
+                               f"{disk_error(e, e.filename or d)}") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -303,21 +311,36 @@ class Daemon:
             raise StartupError(f"another weaveipam daemon (pid {other or '?'}) is using data "
                                f"dir {d}; stop it first, or give this one its own --data-dir"
                                ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
+        try:  # only for the message above: a full disk must not stop us here
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as e:
+            log.debug("could not record our pid in %s: %s", d / LOCK_FILE, e)
 
     def _open_store(self) -> Store:
+        """The store's errors say what is wrong and what to do; discarding the state is
+        advised only for a file that is not a usable store."""
         try:
             return Store(self.cfg.store_path)
         except StoreError as e:
-            raise StartupError(f"{e}. " + self._discard_hint()) from e
+            raise StartupError(str(e)) from e
 
     def _load(self, store: Store) -> Snapshot:
         try:
             return store.load()
         except StoreError as e:
-            raise StartupError(f"{e}. " + self._discard_hint()) from e
+            raise StartupError(str(e)) from e
+
+    def _keep_name(self) -> None:
+        """Keep the name beside the state (no write at all when it is already there)."""
+        d = self.cfg.data_dir
+        try:
+            if read_name(d) != self.name:
+                write_name(d, self.name)
+        except OSError as e:
+            raise StartupError(f"cannot record this peer's name in {d}: "
+                               f"{disk_error(e, e.filename or d)}") from e
 
     def _discard_hint(self) -> str:
         d = self.cfg.data_dir
@@ -327,19 +350,23 @@ class Daemon:
 
     def _resolve_name(self, snap: Snapshot) -> str:
         cfg = self.cfg
+        try:
+            kept = read_name(cfg.data_dir)
+        except OSError as e:
+            raise StartupError(f"cannot read this peer's name from {cfg.data_dir}: "
+                               f"{disk_error(e, e.filename or cfg.data_dir)}") from e
         if snap.name is None and not cfg.name:
             # New state is a new peer: a name kept from state that is gone would let the
             # cluster hand its old ranges back to us as if empty while its pods still hold
             # addresses there (Weave #2610). The old name's ranges wait for rmpeer.
             name = new_name()
-            old = read_name(cfg.data_dir)
-            if old and old != name:
+            if kept and kept != name:
                 log.warning("no state in %s: starting as a new peer %s. The earlier peer "
                             "%s of this data dir lost its state; once its pods are gone, "
                             "run `weaveipam rmpeer %s` on another node to free its ranges",
-                            cfg.store_path, name, old, old)
+                            cfg.store_path, name, kept, kept)
             return name
-        name = cfg.name or snap.name or read_name(cfg.data_dir) or new_name()
+        name = cfg.name or snap.name or kept or new_name()
         err = check_name(name)
         if err:
             raise StartupError(f"--name {name!r}: {err}")
@@ -371,7 +398,7 @@ class Daemon:
 
         cfg = self.cfg
         api = web.AppRunner(make_api_app(self), handle_signals=False, access_log=None,
-                            shutdown_timeout=5.0)
+                            shutdown_timeout=5.0, logger=_http_log())
         await api.setup()
         self._runners.append(api)
         sock = cfg.socket or default_socket(cfg.data_dir)
@@ -396,7 +423,7 @@ class Daemon:
                 raise StartupError(f"cannot listen on --http-addr {host}:{port}: {e}") from e
         if cfg.status_addr is not None:
             st = web.AppRunner(make_status_app(self), handle_signals=False, access_log=None,
-                               shutdown_timeout=2.0)
+                               shutdown_timeout=2.0, logger=_http_log())
             await st.setup()
             self._runners.append(st)
             host, port = cfg.status_addr
@@ -517,9 +544,9 @@ class Daemon:
     def _store_failed(self, err: BaseException, outs: list[Reply | Send]) -> None:
         """Memory is now ahead of disk: acknowledge nothing more until a restart reloads."""
         if self.store_error is None:
-            self.store_error = (f"the store could not be written ({err}); this peer stopped "
-                                "answering to stay consistent: fix the disk and restart the "
-                                "daemon")
+            self.store_error = (f"the store failed, so this peer answers no request until "
+                                "it is restarted (what it holds in memory may be ahead of "
+                                f"the disk) and /healthz fails: {err}")
             log.error("%s", self.store_error)
         self._deliver(outs)
 
@@ -591,26 +618,34 @@ class Daemon:
     # ---- stop ------------------------------------------------------------------------------
 
     async def shutdown(self) -> None:
-        """Finish in-flight requests (up to the grace period), make everything durable,
-        then close the servers, the mesh and the store."""
+        """Stop promptly: work still waiting in the engine (for consensus, space, a ring or
+        an heir) is failed with "shutting down"; only batches already being committed are
+        waited for.  Then close the servers, the mesh and the store."""
         self.stopping = True
-        deadline = time.monotonic() + self.cfg.shutdown_grace
-        while self._waiters and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        for fut in list(self._waiters.values()):
-            if not fut.done():
-                fut.set_exception(ApiError("unavailable", "the daemon is shutting down; "
-                                           "retry shortly"))
+        # Nothing more reaches the engine: waiting work could only finish by handing out
+        # an address nobody may hear about, and a peer's message could make it promise
+        # what it can no longer keep.
+        self._closed = True
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-        if self._tail is not None:
-            await self._tail  # committed and handed to the mesh (e.g. a reset's handover)
+        if self._tail is not None:  # committed and handed on (e.g. a reset's handover)
+            done, _ = await asyncio.wait({self._tail}, timeout=self.cfg.shutdown_grace)
+            if not done:
+                log.warning("store commits still in flight after %gs; stopping anyway",
+                            self.cfg.shutdown_grace)
+        waiting = [f for f in self._waiters.values() if not f.done()]
+        if waiting:
+            log.info("stopping: %d request(s) waiting for consensus, space or a peer "
+                     "answered \"shutting down\"", len(waiting))
+        for fut in waiting:
+            fut.set_exception(ApiError("unavailable", "the daemon is shutting down; this "
+                                       "request was still waiting and nothing was done: "
+                                       "retry once the daemon is back"))
         if self.mesh is not None:
             await asyncio.sleep(FLUSH_DELAY)  # the mesh drops unwritten frames at stop
-            # after this, no more peer callbacks: the pipeline can drain for good
             stop = asyncio.create_task(self.mesh.stop())
             done, _ = await asyncio.wait({stop}, timeout=MESH_STOP_TIMEOUT)
             if not done:
@@ -620,7 +655,6 @@ class Daemon:
                 stop.cancel()
             elif stop.exception() is not None:
                 log.error("stopping the peer network failed", exc_info=stop.exception())
-        self._closed = True
         if self._tail is not None:
             await self._tail  # every batch durable, every reply handed to its handler
         for r in reversed(self._runners):
@@ -641,6 +675,34 @@ class Daemon:
             os.close(self._lock_fd)
             self._lock_fd = None
         log.info("stopped")
+
+
+class _OneLine(logging.Filter):
+    """aiohttp logs a request it cannot parse (an oversize or non-ASCII request line) with
+    a full traceback; it is the client's mistake, and one line says all of it."""
+
+    def __init__(self, bad: type[Exception]) -> None:
+        super().__init__()
+        self.bad = bad
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, self.bad):
+            why = " ".join(str(getattr(exc, "message", exc)).split())
+            record.msg, record.args = "%s: %s", (record.getMessage(), why[:200])
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def _http_log() -> logging.Logger:
+    """The local servers' logger: aiohttp's, with bad requests on one line."""
+    from aiohttp.http_exceptions import HttpProcessingError
+
+    lg = logging.getLogger("weaveipam.http")
+    if not lg.filters:
+        lg.addFilter(_OneLine(HttpProcessingError))
+    return lg
 
 
 def _log_tasks() -> None:

@@ -76,6 +76,14 @@ class _IpamCollector(Collector):
                                    "Number of peer connections terminated.")
         term.add_metric([], d.conn_terminations)
         yield term
+        if d.mesh is not None:
+            refused = CounterMetricFamily(
+                "weaveipam_peer_hello_refused",
+                "Peer hellos refused for claiming a name in use: our own (own-name) or "
+                "that of a peer we are connected to (name-in-use).", labels=["reason"])
+            for reason, n in sorted(d.mesh.refused_hellos().items()):
+                refused.add_metric([reason], n)
+            yield refused
         yield GaugeMetricFamily("weaveipam_up", "1 while this peer can allocate.",
                                 value=1.0 if a.can_allocate() else 0.0)
         if d.store is not None:

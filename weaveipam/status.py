@@ -222,6 +222,9 @@ def add_status_routes(app: web.Application, d: Daemon) -> None:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     async def healthz(_: web.Request) -> web.Response:
+        # the one failure a restart mends (once the disk is fixed): liveness says so
+        if d.store_error is not None:
+            return web.Response(status=503, text=d.store_error + "\n")
         return web.Response(text="ok\n")
 
     async def readyz(_: web.Request) -> web.Response:

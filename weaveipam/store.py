@@ -15,11 +15,20 @@ none of their records are kept.
 
 A store file is only ever opened by one `Store` (one daemon) at a time; the ordering
 counter is kept in memory on that assumption.
+
+Errors are named for what they are (Weave #2610 was a store silently replaced): a full,
+read-only, forbidden (immutable) or failing disk is found with plain syscalls, because
+sqlite reports most of them as "disk I/O error" or "unable to open"; only a file that
+really is not a usable store (empty, not sqlite, damaged, another program's) gets the
+advice to discard it.  A new store is built beside its final name and renamed into
+place, so an empty or half-made file at the final name always means damage.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import os
 import queue
 import sqlite3
@@ -41,7 +50,7 @@ from weaveipam.core.records import (
     Snapshot,
 )
 
-__all__ = ["SCHEMA_VERSION", "Store", "StoreError", "discard_files"]
+__all__ = ["SCHEMA_VERSION", "Store", "StoreError", "check_disk", "discard_files", "disk_error"]
 
 SCHEMA_VERSION: Final = 1
 _ADDRESS_BYTES: Final = 16  # IPv6 ints exceed sqlite's 64-bit INTEGER: store 16-byte BE
@@ -69,7 +78,92 @@ _TABLES: Final = frozenset({"meta", "idents", "allocations"})
 
 
 class StoreError(Exception):
-    """The store cannot do what was asked; the message says what is wrong and the fix."""
+    """The store cannot do what was asked; the message says what is wrong and the fix.
+
+    ``kind`` names the cause for callers that act on it: a disk problem ("full",
+    "read-only", "immutable", "permission", "io", "disk"), a file that is not a usable
+    store ("empty", "not-a-database", "corrupt", "foreign"), or "error" for the rest.
+    """
+
+    def __init__(self, message: str, kind: str = "error") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+    @property
+    def unusable(self) -> bool:
+        """Only then is discarding the file advice worth giving: nothing in it can be used."""
+        return self.kind in _UNUSABLE
+
+
+_UNUSABLE: Final = frozenset({"empty", "not-a-database", "corrupt"})
+_PROBE_BYTES: Final = 8192  # a WAL commit needs at least a couple of pages
+_KEEP: Final = ("The store itself was not changed: do not reset or delete it, that would "
+                "lose this peer's allocations")
+# errno -> (kind, what is wrong, what to do); {where} is the file or directory
+_DISK: Final[dict[int, tuple[str, str, str]]] = {
+    errno.ENOSPC: ("full", "the filesystem holding {where} is full (no space left on device)",
+                   "free some space on it, or grow the volume"),
+    errno.EDQUOT: ("full", "the disk quota for {where} is used up",
+                   "raise the quota or free some space"),
+    errno.EROFS: ("read-only", "the filesystem holding {where} is mounted read-only",
+                  "remount it read-write (if it turned read-only by itself, the kernel saw "
+                  "a disk error: check `dmesg` first)"),
+    errno.EPERM: ("immutable", "writing {where} is not permitted: it or its directory is "
+                  "probably immutable or append-only",
+                  "check with `lsattr -d {where}` and clear the flag with `chattr -i`"),
+    errno.EACCES: ("permission", "permission denied on {where}",
+                   "give the daemon's user (uid {uid}) read and write access to the data "
+                   "dir and the files in it"),
+    errno.EIO: ("io", "the disk returned an I/O error (EIO) for {where}",
+                "the device or its filesystem is failing: check `dmesg`, repair or replace "
+                "it, and restore the data dir from a backup if the store turns out damaged"),
+}
+
+
+def disk_error(err: OSError, where: str | os.PathLike[str]) -> StoreError:
+    """A StoreError that names an OS-level failure for what it is and says what to do."""
+    kind, what, fix = _DISK.get(err.errno or 0, (
+        "disk", f"{{where}}: {err.strerror or err} "
+        f"({errno.errorcode.get(err.errno or 0, 'error')})",
+        "check the disk and the data dir's permissions"))
+    text = f"{what}; {fix}, then restart the daemon. {_KEEP}"
+    return StoreError(text.format(where=where, uid=os.geteuid()), kind)
+
+
+def check_disk(directory: Path, files: Iterable[Path] = ()) -> StoreError | None:
+    """Why the store in ``directory`` cannot be written, found with plain syscalls (sqlite
+    says "disk I/O error" or "unable to open" for most causes), or None if it can."""
+    try:
+        if os.statvfs(directory).f_flag & os.ST_RDONLY:
+            return disk_error(OSError(errno.EROFS, os.strerror(errno.EROFS)), directory)
+    except OSError as e:
+        return disk_error(e, directory)
+    for f in files:
+        try:
+            fd = os.open(f, os.O_RDWR)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            return disk_error(e, f)
+        try:
+            os.pread(fd, 4096, 0)
+        except OSError as e:
+            return disk_error(e, f)
+        finally:
+            os.close(fd)
+    probe = directory / f".probe-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"\0" * _PROBE_BYTES)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                probe.unlink()
+    except OSError as e:
+        return disk_error(e, directory)
+    return None
 
 
 @dataclass(slots=True)
@@ -172,10 +266,36 @@ class Store:
     # ------------------------------------------------------------------ opening
 
     def _fix(self) -> str:
-        return (
-            f"move {self.path} aside (keep it for diagnosis) or run `weaveipam reset` "
-            "to start this peer with empty state"
-        )
+        return (f"move {self.path} aside (keep it for diagnosis) and, if there is no backup "
+                f"to restore, run `weaveipam reset --data-dir {self.path.parent}` to start "
+                "this peer with empty state (its recorded allocations are lost)")
+
+    def _files(self) -> tuple[Path, Path, Path]:
+        return self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")
+
+    def _sqlite_error(self, e: sqlite3.Error, doing: str) -> StoreError:
+        """Name an sqlite failure: the disk's fault if a probe finds one, else the file's."""
+        trouble = check_disk(self.path.parent, self._files())
+        if trouble is not None:
+            return trouble
+        path = self.path
+        code = str(getattr(e, "sqlite_errorname", ""))
+        if code == "SQLITE_NOTADB":
+            return StoreError(f"store {path} is not an sqlite database ({e}): it was "
+                              "overwritten, or is not weaveipam's file; " + self._fix(),
+                              "not-a-database")
+        if code.startswith("SQLITE_CORRUPT"):
+            return StoreError(f"store {path} is damaged ({e}); " + self._fix(), "corrupt")
+        if code.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+            return StoreError(f"store {path} is locked by another program ({e}); stop "
+                              "whatever else has it open, then restart the daemon", "busy")
+        if code == "SQLITE_FULL":
+            return disk_error(OSError(errno.ENOSPC, str(e)), path)
+        return StoreError(f"sqlite could not {doing} store {path} ({e}, {code or 'error'}); "
+                          f"check the disk and permissions, then restart the daemon. {_KEEP}",
+                          "disk" if code.startswith(("SQLITE_IOERR", "SQLITE_CANTOPEN",
+                                                     "SQLITE_READONLY", "SQLITE_PERM"))
+                          else "error")
 
     def _open(self) -> sqlite3.Connection:
         path = self.path
@@ -190,28 +310,50 @@ class Store:
                     f"store path {path} exists but is not a regular file; "
                     "point weaveipam at a file path"
                 )
-            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
-        except OSError as e:
-            raise StoreError(
-                f"cannot create or open store {path}: {e}; check the directory exists "
-                "and is writable by this user"
-            ) from e
-        except sqlite3.Error as e:
-            raise StoreError(
-                f"cannot open store {path}: {e}; check permissions and disk space"
-            ) from e
-        try:
+            if not created and path.stat().st_size == 0:
+                raise StoreError(
+                    f"store {path} is empty (0 bytes): what it recorded is gone (the file "
+                    "was truncated, or lost with its disk), and weaveipam never replaces a "
+                    "store silently (Weave #2610); restore it from a backup, or "
+                    + self._fix(), "empty")
+            trouble = check_disk(parent, self._files())
+            if trouble is not None:
+                raise trouble
             if created:
-                try:
-                    os.chmod(path, 0o600)  # allocations name pods: not world-readable
-                except OSError:
-                    pass
+                self._create()
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                   timeout=5.0)
+        except OSError as e:
+            raise disk_error(e, e.filename or path) from e
+        except sqlite3.Error as e:
+            raise self._sqlite_error(e, "open") from e
+        try:
             self._init_db(conn)
             _fsync_dir(parent)  # make the db and -wal directory entries durable too
         except BaseException:
             conn.close()
             raise
         return conn
+
+    def _create(self) -> None:
+        """Build an empty store beside the final name and rename it into place: a crash
+        part-way never leaves an empty or half-made file where a store is expected."""
+        path = self.path
+        tmp = path.with_name(f".{path.name}.new")
+        discard_files(tmp)  # a leftover of a crash during an earlier creation
+        conn = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            os.chmod(tmp, 0o600)  # allocations name pods: not world-readable
+            self._init_db(conn)
+        finally:
+            conn.close()  # checkpoints the WAL into the file and removes it
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
 
     def _init_db(self, conn: sqlite3.Connection) -> None:
         """Set durability pragmas, verify the file, create or check the schema."""
@@ -229,8 +371,8 @@ class Store:
             check = [str(row[0]) for row in conn.execute("PRAGMA quick_check")]
             if check != ["ok"]:
                 raise StoreError(
-                    f"store {path} is corrupt ({'; '.join(check[:3])}); " + self._fix()
-                )
+                    f"store {path} is damaged ({'; '.join(check[:3])}); " + self._fix(),
+                    "corrupt")
             conn.execute("BEGIN IMMEDIATE")
             try:
                 self._init_schema(conn)
@@ -239,9 +381,7 @@ class Store:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
         except sqlite3.Error as e:
-            raise StoreError(
-                f"store {path} is not a readable weaveipam database ({e}); " + self._fix()
-            ) from e
+            raise self._sqlite_error(e, "read") from e
 
     def _init_schema(self, conn: sqlite3.Connection) -> None:
         path = self.path
@@ -260,21 +400,20 @@ class Store:
         if "meta" not in tables:
             raise StoreError(
                 f"{path} is an sqlite database but not a weaveipam store (no meta "
-                "table); point weaveipam at a different file, or " + self._fix()
-            )
+                "table): another program's file; move it aside, or point --data-dir "
+                "elsewhere", "foreign")
         row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         version = None if row is None else row[0]
         if version != SCHEMA_VERSION:
             raise StoreError(
                 f"store {path} has schema version {version!r} but this weaveipam only "
                 f"understands version {SCHEMA_VERSION}; run the weaveipam release that "
-                "wrote it, or " + self._fix()
-            )
+                "wrote it", "schema")
         missing = _TABLES - tables
         if missing:
             raise StoreError(
-                f"store {path} is missing table(s) {', '.join(sorted(missing))}; " + self._fix()
-            )
+                f"store {path} is missing table(s) {', '.join(sorted(missing))}; "
+                + self._fix(), "corrupt")
 
     def _max_seq(self) -> int:
         conn = self._require_conn()
@@ -286,7 +425,7 @@ class Store:
         except sqlite3.Error as e:
             conn.close()
             self._conn = None
-            raise StoreError(f"cannot read store {self.path}: {e}; " + self._fix()) from e
+            raise self._sqlite_error(e, "read") from e
         return int(row[0])
 
     def _require_conn(self) -> sqlite3.Connection:
@@ -315,7 +454,7 @@ class Store:
                 finally:
                     conn.execute("COMMIT")
             except sqlite3.Error as e:
-                raise StoreError(f"cannot read store {self.path}: {e}; " + self._fix()) from e
+                raise self._sqlite_error(e, "read") from e
         self._kick()  # commit() calls that arrived while we held the database
         snap = Snapshot(
             name=self._meta(meta, "name", str),
@@ -330,19 +469,17 @@ class Store:
             if addrs is None or not isinstance(address, bytes):
                 raise StoreError(
                     f"store {self.path} has an inconsistent allocation row "
-                    f"({ident!r}, {address!r}); " + self._fix()
-                )
+                    f"({ident!r}, {address!r}); " + self._fix(), "corrupt")
             if len(address) != _ADDRESS_BYTES:
                 raise StoreError(
                     f"store {self.path} has a {len(address)}-byte address for {ident!r}"
-                    f" (expected {_ADDRESS_BYTES}); " + self._fix()
-                )
+                    f" (expected {_ADDRESS_BYTES}); " + self._fix(), "corrupt")
             addrs[int.from_bytes(address, "big")] = note
         empty = [ident for ident, addrs in snap.allocations.items() if not addrs]
         if empty:
             raise StoreError(
-                f"store {self.path} lists idents without addresses ({empty[:3]!r}); " + self._fix()
-            )
+                f"store {self.path} lists idents without addresses ({empty[:3]!r}); "
+                + self._fix(), "corrupt")
         return snap
 
     def _meta(self, meta: dict[str, object], key: str, kind: type[_T]) -> _T | None:
@@ -351,8 +488,7 @@ class Store:
             return value
         raise StoreError(
             f"store {self.path} has a {type(value).__name__} for {key!r} where a "
-            f"{kind.__name__} belongs; " + self._fix()
-        )
+            f"{kind.__name__} belongs; " + self._fix(), "corrupt")
 
     # ------------------------------------------------------------------ writing
 
@@ -432,12 +568,11 @@ class Store:
             pass  # the original error is the one worth reporting
 
     def _commit_error(self, e: BaseException) -> BaseException:
-        if isinstance(e, sqlite3.Error):
-            return StoreError(
-                f"could not commit to store {self.path}: {e}; nothing from this "
-                "commit was kept - check disk space, permissions and the disk's "
-                "health, then retry"
-            )
+        if isinstance(e, sqlite3.Error | OSError):
+            cause = (self._sqlite_error(e, "write") if isinstance(e, sqlite3.Error)
+                     else disk_error(e, self.path))
+            return StoreError(f"could not commit to store {self.path}, nothing from this "
+                              f"commit was kept: {cause}", cause.kind)
         return e
 
     def _write(self, records: Iterable[Record]) -> None:
@@ -547,7 +682,8 @@ class Store:
                     str(err)
                     if isinstance(err, StoreError)
                     else f"could not commit to store {self.path}: {err!r}; nothing from "
-                    "this commit was kept - retry, and report this if it persists"
+                    "this commit was kept - retry, and report this if it persists",
+                    err.kind if isinstance(err, StoreError) else "error",
                 )
                 mine.__cause__ = err.__cause__ if isinstance(err, StoreError) else err
             try:

@@ -86,6 +86,7 @@ class Connection:
         self.peer: Hello | None = None
         self.state: State = "pending"
         self.was_established = False
+        self.established_at = 0.0  # loop time the handshake was accepted
         self.to_self = False
         self.close_reason = ""
         self._reader = reader
@@ -252,6 +253,7 @@ class Connection:
                 self.close("handshake refused")  # no-op if on_hello already closed us
                 return
             self.was_established = True
+            self.established_at = asyncio.get_running_loop().time()
             unseal = self._opener.open if self._opener is not None else None
             overhead = crypto.SEAL_OVERHEAD if unseal is not None else 0
             while not self._closing.is_set():

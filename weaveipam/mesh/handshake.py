@@ -48,15 +48,17 @@ class ConnIdentity:
 
 
 def keep_new(existing: ConnIdentity, new: ConnIdentity) -> bool:
-    """Whether ``new`` should replace ``existing`` (both to the same peer name).
+    """Whether ``new`` should replace ``existing``: both to the same peer name, dialled
+    at about the same time by the same peer process (the mesh asks only then).
 
     Both ends evaluate this on the same pair and reach the same answer, so exactly one
     connection survives: prefer the one dialled by the lower name, then the higher
-    dialler nonce.  A different peer session means the peer restarted and the existing
-    connection is a stale leftover, so the newcomer wins.
+    dialler nonce.  Any other newcomer under a name we are connected to is refused:
+    a name is not a credential, and a peer that really restarted gets in once its old
+    connection has closed (at once when its process died, else after dead_timeout).
     """
-    if existing.theirs.session != new.theirs.session:
-        return True
+    if (existing.theirs.session, existing.theirs.uid) != (new.theirs.session, new.theirs.uid):
+        return False
     lower = min(new.ours.name, new.theirs.name)
     ex_pref = (existing.dialler == lower, existing.dialler_nonce)
     new_pref = (new.dialler == lower, new.dialler_nonce)

@@ -13,7 +13,7 @@ import logging
 import random
 import secrets
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -135,7 +135,6 @@ class Mesh:
         on_message: Callable[[str, dict[str, Any]], None],
         on_peer_up: Callable[[PeerInfo], None],
         on_peer_down: Callable[[str], None],
-        on_duplicate_name: Callable[[PeerInfo], None] | None = None,
         heartbeat: float = 1.0,
         dead_timeout: float = 5.0,
         handshake_timeout: float = 5.0,
@@ -177,7 +176,8 @@ class Mesh:
         self._on_message = on_message
         self._on_peer_up = on_peer_up
         self._on_peer_down = on_peer_down
-        self._on_duplicate_name = on_duplicate_name
+        #: hellos refused because their name is in use, by reason (see _refuse)
+        self._refused: Counter[str] = Counter({"own-name": 0, "name-in-use": 0})
         self._gossip_interval = gossip_interval
         self._forget_after = forget_after
         self._handshake_timeout = handshake_timeout
@@ -331,6 +331,11 @@ class Mesh:
         """Peers we can currently reach, directly or through relays."""
         return sorted(self._reachable.values(), key=lambda p: p.name)
 
+    def refused_hellos(self) -> dict[str, int]:
+        """How many hellos were refused for claiming a name in use, by reason:
+        ``own-name`` (ours) or ``name-in-use`` (a peer we have a connection to)."""
+        return dict(self._refused)
+
     def connections(self) -> list[ConnInfo]:
         """Live connections plus dial targets that are connecting or waiting to retry."""
         rows: list[ConnInfo] = []
@@ -442,21 +447,34 @@ class Mesh:
                        farewell="connected to ourselves")
             return
         if verdict is Verdict.DUPLICATE_NAME:
-            reason = (f"duplicate peer name {hello.name!r}: peer at {conn.address} has uid "
-                      f"{hello.uid}, ours is {self._uid} (cloned machine?); refusing it")
-            conn.close(reason, level=logging.WARNING,
-                       farewell=f"duplicate peer name {hello.name!r}: uid mismatch")
-            self._call("on_duplicate_name", self._on_duplicate_name,
-                       PeerInfo(hello.name, hello.nickname, hello.uid))
+            # A hello is not proof of anything (without --password anyone can send one):
+            # refuse it and carry on.  Only ring entries we did not write would show a
+            # second instance really acting under our name; the allocator judges those.
+            self._refuse(conn, hello, "own-name",
+                         f"it claims our own name (our uid is {self._uid}): a cloned "
+                         "machine, or a stranger on the peer port",
+                         f"peer name {hello.name!r} is this peer's own name")
             return
         if self._stopping:
             conn.close("mesh stopping")
             return
         existing = self._established.get(hello.name)
-        if existing is not None:
-            if not existing.closing and not keep_new(existing.identity(), conn.identity()):
+        if existing is not None and not existing.closing:
+            assert existing.peer is not None
+            if (existing.peer.session, existing.peer.uid) != (hello.session, hello.uid):
+                self._refuse(conn, hello, "name-in-use",
+                             f"we already have an established connection to {hello.name} "
+                             f"at {existing.address} (uid {existing.peer.uid}), which stays",
+                             f"peer name {hello.name!r} is already connected here")
+                return
+            # the same peer process dialled twice: a simultaneous dial is settled the same
+            # way at both ends; later, the established connection simply stays
+            young = asyncio.get_running_loop().time() - existing.established_at \
+                < self._cfg.heartbeat
+            if not young or not keep_new(existing.identity(), conn.identity()):
                 conn.close(f"duplicate connection to {hello.name}: keeping the other one")
                 return
+        if existing is not None:
             existing.close(f"duplicate connection to {hello.name}: superseded")
         conn.state = "established"
         self._established[hello.name] = conn
@@ -468,6 +486,14 @@ class Mesh:
         self._own_changed()
         self._recompute()
         self._wake.set()
+
+    def _refuse(self, conn: Connection, hello: Hello, reason: str, why: str,
+                farewell: str) -> None:
+        """Close a connection whose hello claims a name that is in use; log and count it."""
+        self._refused[reason] += 1
+        conn.close(f"refusing hello from {conn.address} naming itself {hello.name}"
+                   f"({hello.nickname}) with uid {hello.uid}: {why}", level=logging.WARNING,
+                   farewell=farewell)
 
     def _conn_closed(self, conn: Connection) -> None:
         self._conns.discard(conn)

@@ -27,6 +27,7 @@ class Claim:
     ident: str
     addr: int
     note: str = ""
+    subnet: CIDR | None = None  # the caller's subnet: its edges are never handed out
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,13 @@ class Requests(AllocatorBase):
         if isinstance(req, Claim) and req.addr not in self.universe:
             return (f"address {self._fmt(req.addr)} is not inside the allocation range "
                     f"{self.universe}")
+        if isinstance(req, Claim) and req.subnet is not None \
+                and req.addr not in req.subnet.usable():
+            edge = "network" if req.addr == req.subnet.start else (
+                "broadcast" if req.subnet.bits == 32 else "last")
+            return (f"address {self._fmt(req.addr)} is the {edge} address of subnet "
+                    f"{req.subnet}, which allocation never hands out; claim an address "
+                    "inside the subnet")
         if isinstance(req, Release) and req.addr is not None and req.addr not in self.universe:
             return f"address {self._fmt(req.addr)} is not inside the range {self.universe}"
         return None

@@ -16,6 +16,8 @@ class Takeover(Seeding):
     def resolve_peer(self, text: str) -> str | None:
         if text in self.ring.peers() or text in self.peers or text in self.ring.removed:
             return text
+        if text in (self.name, self.nickname):
+            return self.name  # so that rmpeer of ourselves is explained, by either name
         for n, p in self.peers.items():
             if p.nickname == text:
                 return n
