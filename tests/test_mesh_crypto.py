@@ -223,8 +223,11 @@ async def test_wrong_password_refused_both_sides(world: World,
     a = await world.node("A", password=PASSWORD)
     b = await world.node("B", password=b"not the same")
     a.connect(b)
-    await until(lambda: logged(caplog, "from A(a)", "peer A(a) failed authentication")
-                and logged(caplog, "to B(b)", "peer B(b) failed authentication"),
+    # B (the listener) refuses A's proof and tells it why; A gets no proof to check
+    await until(lambda: logged(caplog, "from A(a)", "peer A(a) failed authentication: its "
+                               "--password differs from ours")
+                and logged(caplog, "to B(b)", "refused by peer: 'authentication failed: "
+                           "every daemon needs the same --password"),
                 what="both sides refuse")
     assert not a.reach() and not b.reach() and not a.established() and not b.established()
     assert not a.ups and not b.ups
