@@ -278,12 +278,12 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     from .daemon import Config, Daemon, StartupError, parse_hostport
     from .names import check_name
 
-    _import_aiohttp()
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
                         stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     password, second_password = _read_password(args)
-    _check_peer_auth(args, password)
+    _check_peer_auth(args, password)  # a refusal here costs no aiohttp import
+    _import_aiohttp()
     try:
         universe = CIDR.parse(args.ipalloc_range)
         default_subnet = (CIDR.parse(args.ipalloc_default_subnet)
