@@ -3,6 +3,8 @@
 allocate+release over the local API never touches peer crypto, so this measures the
 peer path itself:
 
+0. the key derivation at start-up (Argon2id, once per process): CPU-seconds from
+   time.process_time(), for one password and for two (while rotating); budget 0.1 s;
 1. seal+open of one frame in isolation (XSalsa20-Poly1305 via PyNaCl), per payload size;
 2. engine payloads/s and MB/s from one mesh to another over loopback, plaintext vs
    encrypted, same payloads (a window of in-flight messages keeps the bounded send queue
@@ -12,6 +14,7 @@ peer path itself:
    without --password.
 
     python benchmarks/bench_crypto.py [--seconds 3] [--nodes 3] [--runs 3] [--skip-cluster]
+    python benchmarks/bench_crypto.py --kdf-only [--kdf-runs 20]
 """
 
 from __future__ import annotations
@@ -35,6 +38,25 @@ from weaveipam.mesh.frames import Message, encode, encode_payload  # noqa: E402
 PASSWORD = b"benchmark password"
 SIZES = (64, 1024, 16384, 262144)
 WINDOW = 256  # messages in flight (fewer for big payloads)
+
+
+KDF_BUDGET = 0.1  # CPU-seconds a daemon may spend deriving its keys at start-up
+
+
+def bench_kdf(runs: int) -> None:
+    """CPU of what a daemon does once at start: build its Keyring (Argon2id per password)."""
+    print(f"Argon2id opslimit={crypto.KDF_OPSLIMIT} memlimit={crypto.KDF_MEMLIMIT >> 20} MiB")
+    for passwords in ([PASSWORD], [PASSWORD, b"previous " + PASSWORD]):
+        took = []
+        for _ in range(runs):
+            t0 = time.process_time()
+            crypto.Keyring(passwords, "10.32.0.0/12")
+            took.append(time.process_time() - t0)
+        took.sort()
+        worst = took[-1]
+        print(f"key derivation, {len(passwords)} password(s): median {took[len(took) // 2]:.3f}"
+              f" CPU-s, min {took[0]:.3f}, max {worst:.3f} ({runs} runs; budget "
+              f"{KDF_BUDGET} s: {'ok' if worst < KDF_BUDGET else 'OVER'})")
 
 
 def bench_seal(seconds: float) -> None:
@@ -166,7 +188,12 @@ def main() -> None:
     ap.add_argument("--handshakes", type=int, default=200)
     ap.add_argument("--runs", type=int, default=3, help="cluster runs each way")
     ap.add_argument("--skip-cluster", action="store_true")
+    ap.add_argument("--kdf-runs", type=int, default=20)
+    ap.add_argument("--kdf-only", action="store_true", help="only the key derivation")
     args = ap.parse_args()
+    bench_kdf(args.kdf_runs)
+    if args.kdf_only:
+        return
     bench_seal(args.seconds)
     asyncio.run(bench_mesh(args.seconds))
     asyncio.run(bench_handshake(args.handshakes))

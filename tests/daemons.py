@@ -64,6 +64,7 @@ class Node:
         self.init = init
         self.extra = list(extra or [])
         self.peers: list[str] = []
+        self.env: dict[str, str] = {}  # on top of a cleaned copy of ours
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -87,8 +88,10 @@ class Node:
         logf.write(f"--- start {self.starts}\n".encode())
         logf.flush()
         env = dict(os.environ, PYTHONPATH=str(REPO))
-        for k in ("PEERS", "IPALLOC_RANGE", "IPALLOC_INIT", "WEAVEIPAM_SOCKET"):
-            env.pop(k, None)
+        for k in ("PEERS", "IPALLOC_RANGE", "IPALLOC_INIT", "WEAVEIPAM_SOCKET",
+                  "KUBERNETES_SERVICE_HOST", "WEAVE_PASSWORD", "WEAVEIPAM_INSECURE_PEERS"):
+            env.pop(k, None)  # a test runner inside a pod is not a daemon in Kubernetes
+        env.update(self.env)
         self.proc = subprocess.Popen(self.argv(), stdout=logf, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env=env, cwd=self.dir)
         logf.close()

@@ -8,6 +8,7 @@ shim and conflist land on the host, the daemon accepts the arguments it is given
 
 from __future__ import annotations
 
+import base64
 import fnmatch
 import json
 import os
@@ -32,6 +33,7 @@ CONFLIST = DOCKER / "10-weave-ipam.conflist"
 STATUS_PORT = 6782
 DATA_DIR = "/var/lib/weave-ipam"
 SOCKET = "/run/weave-ipam/ipam.sock"  # the shim's default socket
+PASSWORD_VOLUME = "peer-password"
 K8S_OLDEST = "1.30.0"  # oldest Kubernetes the manifest is checked against (and the newest)
 
 YAMLLINT_CONFIG = """
@@ -258,7 +260,8 @@ def test_resources_and_security() -> None:
         assert not sc.get("privileged", False), c["name"]
         assert "limits" in c["resources"], c["name"]
     for v in pod["volumes"]:
-        assert set(v) == {"name", "hostPath"}, f"volume {v['name']}: hostPath only"
+        if v["name"] != PASSWORD_VOLUME:  # the peer password's Secret (tested below)
+            assert set(v) == {"name", "hostPath"}, f"volume {v['name']}: hostPath only"
 
 
 def test_init_container_installs_into_host_cni_dirs() -> None:
@@ -441,3 +444,95 @@ def test_install_script_fails_without_a_shim(tmp_path: Path, image_dir: Path) ->
     assert r.returncode != 0
     assert "no shim" in r.stderr
     assert not (host / "etc/cni/net.d/10-weave-ipam.conflist").exists()
+
+
+# ---- peer authentication: the password Secret ---------------------------------------------
+
+README = ROOT / "README.md"
+SECRET = "weave-ipam-password"
+
+
+def _readme_block(marker: str) -> str:
+    """The README's one sh block that contains ``marker``."""
+    blocks = [b for b in re.findall(r"```sh\n(.*?)```", README.read_text(), re.S)
+              if marker in b]
+    assert len(blocks) == 1, f"expected one README sh block with {marker!r}"
+    return blocks[0]
+
+
+def _run_with_fake_kubectl(script: str, tmp_path: Path, get: str = "") -> list[list[str]]:
+    """Run ``script`` with a `kubectl` on PATH that records its arguments and answers a
+    `get` with ``get``: the calls, one argument list each."""
+    bindir, calls = tmp_path / "bin", tmp_path / "calls"
+    bindir.mkdir()
+    fake = bindir / "kubectl"
+    fake.write_text(f"#!{shutil.which('python3')}\nimport json, sys\n"
+                    f"open({str(calls)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
+                    f"print({get!r} if 'get' in sys.argv else '', end='')\n")
+    fake.chmod(0o755)
+    env = {"PATH": f"{bindir}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+    r = subprocess.run(["bash", "-euo", "pipefail", "-c", script], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=20, check=False)
+    assert r.returncode == 0, r.stderr
+    return [json.loads(line) for line in calls.read_text().splitlines()]
+
+
+def test_password_comes_from_a_secret_file_that_must_exist() -> None:
+    from weaveipam.cli import build_parser
+
+    pod, daemon = _pod(), _daemon()
+    (volume,) = [v for v in pod["volumes"] if v["name"] == PASSWORD_VOLUME]
+    secret = volume["secret"]
+    assert secret["secretName"] == SECRET
+    assert not secret.get("optional", False), "a missing Secret must stop the pod"
+    assert secret["items"] == [{"key": "password", "path": "password"}]
+    assert secret["defaultMode"] == 0o400
+    (mount,) = [m for m in daemon["volumeMounts"] if m["name"] == PASSWORD_VOLUME]
+    assert mount["readOnly"] is True
+    args = build_parser().parse_args(["daemon", *daemon["args"]])
+    assert args.password_file == f"{mount['mountPath']}/password"
+    assert not args.insecure_peers and args.password is None
+    env = _env(daemon)
+    assert "WEAVE_PASSWORD" not in env and "WEAVEIPAM_INSECURE_PEERS" not in env
+    # No password is shipped: the manifest holds no Secret, and the init container (which
+    # the operator may not trust with it) does not mount it.
+    assert "Secret" not in {d["kind"] for d in _docs()}
+    assert PASSWORD_VOLUME not in {m["name"] for m in _installer().get("volumeMounts", [])}
+
+
+def test_no_rbac_rule_reaches_secrets() -> None:
+    """The kubelet mounts the Secret; the daemon's ServiceAccount never needs it.  A role
+    that could create Secrets in kube-system could mint bootstrap tokens."""
+    for doc in _docs():
+        if doc["kind"] in ("Role", "ClusterRole"):
+            for rule in doc.get("rules", []):
+                assert not {"secrets", "*"} & set(rule.get("resources", [])), \
+                    f"{doc['kind']}/{doc['metadata']['name']}: {rule}"
+
+
+def test_readme_creates_the_secret_the_manifest_mounts(tmp_path: Path) -> None:
+    create, apply = _run_with_fake_kubectl(
+        _readme_block(f"create secret generic {SECRET}"), tmp_path)
+    assert create[:6] == ["-n", "kube-system", "create", "secret", "generic", SECRET]
+    (literal,) = [a for a in create if a.startswith("--from-literal=")]
+    key, _, value = literal.removeprefix("--from-literal=").partition("=")
+    assert key == "password"  # the key the volume mounts
+    assert re.fullmatch(r"[A-Za-z0-9+/]{43}=", value), "32 random bytes, base64, one line"
+    assert apply == ["apply", "-f", str(MANIFEST.relative_to(ROOT))]  # after the Secret
+    assert _one("DaemonSet")["metadata"]["namespace"] == "kube-system"
+
+
+def test_readme_rotation_steps_write_the_lines_the_daemon_reads(tmp_path: Path) -> None:
+    """The rotation as pasted: the new password second, then first, then alone, each
+    step rolled out (and waited for) before the next."""
+    old = "old/Pa55+word="
+    calls = _run_with_fake_kubectl(_readme_block("rollout restart"), tmp_path,
+                                   get=base64.b64encode(old.encode()).decode())
+    patches = [json.loads(c[c.index("-p") + 1]) for c in calls if "patch" in c]
+    new = patches[-1]["stringData"]["password"]
+    assert re.fullmatch(r"[A-Za-z0-9+/]{43}=", new), "a fresh random password"
+    assert [p["stringData"]["password"] for p in patches] == [
+        f"{old}\n{new}", f"{new}\n{old}", new]
+    assert all(c[3:5] == ["secret", SECRET] for c in calls if "patch" in c)
+    steps = [c[2:4] for c in calls if c[2] != "get"]
+    assert steps == [["patch", "secret"], ["rollout", "restart"], ["rollout", "status"]] * 3

@@ -9,12 +9,16 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import nacl.pwhash.argon2id as argon2id
 import pytest
-from daemons import Cluster, cluster, wait_for  # noqa: F401
+from daemons import Cluster, cluster, free_ports, wait_for  # noqa: F401
+from daemons import Node as Daemon
+from test_cli import run
 from test_mesh import MAX_FRAME, Node, until
 
 from weaveipam.mesh import PROTOCOL_VERSION, MeshError, crypto
 from weaveipam.mesh.frames import (
+    Auth,
     ErrorFrame,
     FrameError,
     Hello,
@@ -182,6 +186,43 @@ def test_auth_tags_bind_role_and_transcript() -> None:
     assert not crypto.check_tag(crypto.derive_secret(b"x"), th, crypto.DIALLER, tag)
 
 
+def test_key_is_argon2id_salted_by_the_cluster_range() -> None:
+    key = crypto.derive_secret(PASSWORD, "10.32.0.0/12")
+    assert key == crypto.derive_secret(PASSWORD, "10.32.0.0/12")
+    # two clusters with the same password get different keys
+    assert key != crypto.derive_secret(PASSWORD, "10.40.0.0/12")
+    assert key != crypto.derive_secret(b"other", "10.32.0.0/12")
+    # the documented construction: Argon2id, 16-byte salt from the range, at least 16 MiB
+    salt = crypto.cluster_salt("10.32.0.0/12")
+    assert len(salt) == 16 and salt != crypto.cluster_salt("10.40.0.0/12")
+    assert key == argon2id.kdf(32, PASSWORD, salt, opslimit=crypto.KDF_OPSLIMIT,
+                               memlimit=crypto.KDF_MEMLIMIT)
+    assert crypto.KDF_MEMLIMIT >= 16 << 20
+
+
+def test_keyring_dials_with_the_first_and_accepts_either() -> None:
+    old, new = b"old password", b"new password"
+    ring = crypto.Keyring([new, old], "c")
+    new_key, old_key = crypto.derive_secret(new, "c"), crypto.derive_secret(old, "c")
+    assert ring.dial == new_key and ring.rotating
+    th = crypto.transcript(b"h1", b"h2", b"p1", b"p2")
+    old_tag = crypto.auth_tag(old_key, th, crypto.DIALLER)
+    assert ring.match(th, crypto.DIALLER, old_tag) == old_key
+    assert ring.match(th, crypto.DIALLER, old_tag, dial_only=True) is None
+    assert ring.match(th, crypto.DIALLER, crypto.auth_tag(new_key, th, crypto.DIALLER)
+                      ) == new_key
+    assert ring.match(th, crypto.LISTENER, old_tag) is None  # bound to the role
+    assert ring.match(th, crypto.DIALLER, crypto.auth_tag(
+        crypto.derive_secret(b"third", "c"), th, crypto.DIALLER)) is None
+    assert repr(ring) == "<Keyring of 2 secret(s)>" and not crypto.Keyring([new]).rotating
+    with pytest.raises(MeshError, match="the second password is the same as the first"):
+        crypto.Keyring([new, new])
+    with pytest.raises(MeshError, match="give 1 to 2 passwords"):
+        crypto.Keyring([new, old, b"x"])
+    with pytest.raises(MeshError, match="give 1 to 2 passwords"):
+        crypto.Keyring([])
+
+
 # ============================================================== meshes
 
 
@@ -223,13 +264,50 @@ async def test_wrong_password_refused_both_sides(world: World,
     a = await world.node("A", password=PASSWORD)
     b = await world.node("B", password=b"not the same")
     a.connect(b)
-    await until(lambda: logged(caplog, "from A(a)", "peer A(a) failed authentication")
-                and logged(caplog, "to B(b)", "peer B(b) failed authentication"),
+    # B (the listener) refuses A's proof and tells it why; A gets no proof to check
+    await until(lambda: logged(caplog, "from A(a)", "peer A(a) failed authentication: its "
+                               "--password differs from ours")
+                and logged(caplog, "to B(b)", "refused by peer: 'authentication failed: "
+                           "every daemon needs the same --password"),
                 what="both sides refuse")
     assert not a.reach() and not b.reach() and not a.established() and not b.established()
     assert not a.ups and not b.ups
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "password differs" in text and PASSWORD.decode() not in text
+
+
+async def test_rotation_second_password_is_accepted_from_diallers_only(
+        world: World, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="weaveipam.mesh")
+    old, new = b"old password", b"new password"
+    swapped = await world.node("A", password=new, second_password=old)  # step 2
+    added = await world.node("B", password=old, second_password=new)  # step 1
+    before = await world.node("C", password=old)  # not touched yet
+    swapped.connect(added)  # dials with new: accepted as B's second password
+    before.connect(swapped)  # dials with old: accepted as A's second password
+    await until(lambda: swapped.reach() == {"B", "C"} and before.reach() == {"A", "B"},
+                what="all connected")
+    assert all(c.encrypted for n in (swapped, added, before) for c in n.established())
+    assert swapped.mesh.send("C", {"k": 1}) and before.mesh.send("A", {"k": 2})
+    await until(lambda: ("A", {"k": 1}) in before.msgs and ("C", {"k": 2}) in swapped.msgs,
+                what="delivered both ways")
+    # the swapped daemon dials with the new password only: an old-only one refuses it
+    stale = await world.node("D", password=old)
+    swapped.connect(stale)
+    await until(lambda: logged(caplog, "from A(a)", "peer A(a) failed authentication"),
+                what="old-only listener refuses the new password")
+    assert "A" not in stale.reach() and not stale.ups
+
+
+async def test_same_password_other_range_is_refused(
+        world: World, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="weaveipam.mesh")
+    a = await world.node("A", password=PASSWORD, cluster="10.32.0.0/12")
+    b = await world.node("B", password=PASSWORD, cluster="10.40.0.0/12")
+    a.connect(b)
+    await until(lambda: logged(caplog, "from A(a)", "failed authentication", "or its "
+                               "--ipalloc-range, which salts the key"), what="refused")
+    assert not a.reach() and not b.reach()
 
 
 async def test_password_vs_no_password_refused_both_ways(
@@ -319,6 +397,8 @@ async def test_raw_replay_of_recorded_frame_into_new_connection(
     assert any(isinstance(f, Hello) for f in frames)
     assert any(isinstance(f, ErrorFrame) and "authentication failed" in f.reason
                for f in frames)
+    # the listener never proved anything to a dialler it refused: nothing to guess against
+    assert not any(isinstance(f, Auth) for f in frames)
     assert logged(caplog, "peer A(a) failed authentication")
     assert b.reach() == {"A"}  # the real connection is untouched
 
@@ -415,3 +495,152 @@ async def test_bad_key_exchange_refused(world: World) -> None:
     last = frames[-1]
     assert isinstance(last, ErrorFrame) and "kx.pub: unusable public key" in last.reason
     assert not a.reach()
+
+
+# ============================================================== Kubernetes mode, rotation
+
+KUBE_SECRET_HINT = "kubectl -n kube-system create secret generic weave-ipam-password"
+# should a refused start ever go ahead, it binds only loopback and free ports
+_LOCAL = ("--host", "127.0.0.1", "--port", "0", "--http-addr", "", "--status-addr", "")
+
+
+def _kube_env() -> dict[str, str]:
+    """What a pod sees; the address is ours (nothing listens on that loopback port)."""
+    return {"KUBERNETES_SERVICE_HOST": "127.0.0.1",
+            "KUBERNETES_SERVICE_PORT": str(free_ports(1)[0])}
+
+
+def test_kubernetes_mode_without_password_refuses_to_start(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    r = run("daemon", *_LOCAL, "--data-dir", str(data), env=_kube_env())
+    assert r.returncode == 2, r.stderr
+    err = r.stderr
+    assert err.startswith("weaveipam: refusing to start in Kubernetes "
+                          "(KUBERNETES_SERVICE_HOST is set) without a peer password")
+    for what_to_do in (KUBE_SECRET_HINT, "--password-file", "--insecure-peers",
+                       "WEAVEIPAM_INSECURE_PEERS=1"):
+        assert what_to_do in err
+    assert "Traceback" not in err and not data.exists()  # nothing was started or written
+
+
+def test_password_file_and_insecure_flag_mistakes_are_usage_errors(tmp_path: Path) -> None:
+    pw = tmp_path / "pw"
+    for content, message in [("Pw-1\nPw-2\nPw-3\n", "has 3 lines: give the password on "),
+                             ("\nPw-2\n", "is empty (or its first line is)"),
+                             ("Pw-1\nPw-1\n", "the second password is the same as the first"),
+                             ("\n\n", "is empty")]:
+        pw.write_text(content)
+        r = run("daemon", *_LOCAL, "--data-dir", str(tmp_path / "d"), "--password-file", str(pw))
+        assert r.returncode == 2 and message in r.stderr, (content, r.stderr)
+        assert "Pw-" not in r.stderr  # a password is never echoed
+    pw.write_text("fine\n")
+    r = run("daemon", *_LOCAL, "--data-dir", str(tmp_path / "d"), "--password-file", str(pw),
+            env={"WEAVEIPAM_INSECURE_PEERS": "1"})
+    assert r.returncode == 2 and "drop --insecure-peers" in r.stderr, r.stderr
+    r = run("daemon", *_LOCAL, "--data-dir", str(tmp_path / "d"),
+            env={"WEAVEIPAM_INSECURE_PEERS": "maybe"})
+    assert r.returncode == 2 and "WEAVEIPAM_INSECURE_PEERS='maybe': use 1 or 0" in r.stderr
+    assert not (tmp_path / "d").exists()
+
+
+def test_insecure_peers_starts_and_warns_at_every_start(cluster: Cluster) -> None:  # noqa: F811
+    (n,) = cluster.add(1, init="consensus=1", extra=["--insecure-peers"], start=False)
+    n.env = _kube_env()
+    n.start()
+    warning = "peer traffic is NOT authenticated or encrypted: anyone who can reach peer port"
+    wait_for(lambda: warning in n.log.read_text(), what="warning")
+    assert "Encryption: disabled (peers are not authenticated" in n.status("/status")[1]
+    metrics = n.status("/metrics")[1]
+    assert "weaveipam_peer_auth_enabled 0.0" in metrics
+    assert "weaveipam_peer_auth_second_password 0.0" in metrics
+    assert n.allocate("pod").startswith("10.")
+    # the environment variable does the same, and the warning comes at every start
+    assert n.stop() == 0
+    n.extra, n.env = [], {**_kube_env(), "WEAVEIPAM_INSECURE_PEERS": "1"}
+    n.start()
+    wait_for(lambda: n.log.read_text().count(warning) == 2, what="second warning")
+
+
+def _write(path: Path, *lines: str) -> None:
+    path.write_text("".join(f"{line}\n" for line in lines))
+    os.chmod(path, 0o600)
+
+
+def _established(node: Daemon) -> set[str]:
+    return {c["name"] for c in node.report()["connections"]
+            if c["state"] == "established" and c["encrypted"]}
+
+
+def test_rotation_one_daemon_at_a_time_keeps_the_cluster_up(
+        cluster: Cluster, tmp_path: Path) -> None:  # noqa: F811
+    """The README's rollout (add the new password second, restart each daemon; swap the
+    lines, restart each; drop the old one, restart each) never refuses a handshake,
+    daemons that stay up never lose each other, and every daemon that is up keeps
+    allocating; afterwards a daemon with only the old password is refused."""
+    old, new = "old-Pa55word-rotated-away", "new-Pa55word-rotated-in"
+    files = [tmp_path / f"pw{i}" for i in range(3)]
+    for f in files:
+        _write(f, old)
+    nodes = cluster.add(3, start=False)
+    for node, f in zip(nodes, files, strict=True):
+        node.extra = ["--password-file", str(f)]
+    for node in nodes:
+        node.start(wait=False)
+    for node in nodes:
+        node.wait_up()
+    names = {node.name for node in nodes}
+    wait_for(lambda: all(_established(n) == names - {n.name} for n in nodes), what="mesh")
+    n_alloc = seen_down = 0
+
+    def allocate_on(node: Daemon) -> None:
+        nonlocal n_alloc
+        n_alloc += 1
+        assert node.allocate(f"pod-{n_alloc}", timeout=30).startswith("10.")
+
+    for node in nodes:
+        allocate_on(node)
+    for step, lines in enumerate([(old, new), (new, old), (new,)], 1):
+        for i, node in enumerate(nodes):
+            others = [m for m in nodes if m is not node]
+            marks = [len(m.log.read_text()) for m in others]
+            _write(files[i], *lines)
+            assert node.stop() == 0
+            for m in others:  # the rest of the cluster allocates while it is down
+                allocate_on(m)
+            wait_for(lambda others=others: all(  # and stays connected
+                _established(m) == {o.name for o in others if o is not m} for m in others),
+                what=f"step {step}: the others connected while node{i} is down")
+            node.start()
+            wait_for(lambda node=node, others=others: _established(node) == names - {node.name}
+                     and all(node.name in _established(m) for m in others),
+                     what=f"step {step}: node{i} back in the mesh")
+            allocate_on(node)
+            for m, mark in zip(others, marks, strict=True):
+                # daemons that stayed up never lost sight of each other
+                since = m.log.read_text()[mark:]
+                lost = [line for line in since.splitlines() if " unreachable" in line]
+                assert all(f"peer {node.name} unreachable" in x for x in lost), lost
+                seen_down += len(lost)
+            expect = ("a second password is accepted too" if len(lines) == 2
+                      else "enabled (peers authenticated)")
+            assert expect in node.status("/status")[1]
+            assert (f"weaveipam_peer_auth_second_password {float(len(lines) == 2)}"
+                    in node.status("/metrics")[1])
+    assert seen_down >= 9  # the check above did see the restarts (its lines are real)
+    for node in nodes:
+        text = node.log.read_text()
+        assert "failed authentication" not in text and "refused by peer" not in text
+        assert old not in text and new not in text
+        assert "weaveipam_peer_auth_enabled 1.0" in node.status("/metrics")[1]
+    # a daemon that still has only the old password is refused
+    (late,) = cluster.add(1, init="observer", connect=False, start=False)
+    stale = tmp_path / "stale"
+    _write(stale, old)
+    late.extra = ["--password-file", str(stale)]
+    late.peers = [nodes[0].peer_addr]
+    late.start()
+    wait_for(lambda: f"peer {late.name}(node3) failed authentication"
+             in nodes[0].log.read_text(), what="old password refused")
+    wait_for(lambda: "refused by peer: 'authentication failed" in late.log.read_text(),
+             what="the refused daemon is told why")
+    assert _established(late) == set()

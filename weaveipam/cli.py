@@ -300,11 +300,12 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     from .daemon import Config, Daemon, StartupError, parse_hostport
     from .names import check_name
 
-    _import_aiohttp()
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
                         stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    password = _read_password(args)
+    password, second_password = _read_password(args)
+    _check_peer_auth(args, password)  # a refusal here costs no aiohttp import
+    _import_aiohttp()
     try:
         universe = CIDR.parse(args.ipalloc_range)
         default_subnet = (CIDR.parse(args.ipalloc_default_subnet)
@@ -333,7 +334,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
                  peers=peers, host=args.host, port=args.port, conn_limit=args.conn_limit,
                  name=args.name or None, socket=Path(args.socket) if args.socket else None,
                  http_addr=http_addr, status_addr=status_addr, op_timeout=args.op_timeout,
-                 password=password)
+                 password=password, second_password=second_password)
     if args.nickname:
         cfg.nickname = args.nickname
     daemon = Daemon(cfg)
@@ -372,9 +373,11 @@ def _import_aiohttp() -> None:
             os.environ["SSL_CERT_FILE"] = before
 
 
-def _read_password(args: argparse.Namespace) -> bytes | None:
-    """--password-file, else --password (whose default is WEAVE_PASSWORD), else None.
-    Only ever returned, never printed: error messages name the source, not the value."""
+def _read_password(args: argparse.Namespace) -> tuple[bytes | None, bytes | None]:
+    """(password, second password): --password-file (its first line is the password,
+    an optional second line another one accepted from peers while rotating), else --password
+    (whose default is WEAVE_PASSWORD), else none.  Only ever returned, never printed:
+    error messages name the source, not the value."""
     if args.password_file:
         if args.password and args.password != _env("WEAVE_PASSWORD"):
             _die("give --password or --password-file, not both", EXIT_USAGE)
@@ -383,15 +386,66 @@ def _read_password(args: argparse.Namespace) -> bytes | None:
         except OSError as e:
             _die(f"--password-file: cannot read {args.password_file}: {e.strerror}",
                  EXIT_USAGE)
-        data = data.rstrip(b"\r\n")  # a trailing newline from echo/editors is not part of it
-        if not data:
-            _die(f"--password-file {args.password_file} is empty", EXIT_USAGE)
-        return data
+        # a trailing newline from echo/editors is not part of a password
+        lines = [line.rstrip(b"\r") for line in data.rstrip(b"\r\n").split(b"\n")]
+        if not lines[0]:
+            _die(f"--password-file {args.password_file} is empty (or its first line is): "
+                 "its first line is the password", EXIT_USAGE)
+        if len(lines) > 2 or (len(lines) == 2 and not lines[1]):
+            _die(f"--password-file {args.password_file} has {len(lines)} lines: give the "
+                 "password on the first line and, only while rotating, the other "
+                 "accepted password on the second", EXIT_USAGE)
+        if len(lines) == 2 and lines[0] == lines[1]:
+            _die(f"--password-file {args.password_file}: the second password is "
+                 "the same as the first: drop the second line", EXIT_USAGE)
+        return lines[0], (lines[1] if len(lines) == 2 else None)
     if args.password is None:
-        return None
+        return None, None
     if not args.password:
         _die("--password (or WEAVE_PASSWORD) is empty", EXIT_USAGE)
-    return str(args.password).encode()
+    return str(args.password).encode(), None
+
+
+def kubernetes_mode(args: argparse.Namespace) -> bool:
+    """Whether this daemon runs in a Kubernetes cluster, where an unauthenticated peer
+    port must be asked for explicitly.  In a pod, KUBERNETES_SERVICE_HOST is set."""
+    return bool(_env("KUBERNETES_SERVICE_HOST"))
+
+
+def _flag_env(name: str) -> bool:
+    """A boolean environment variable: 1/true/yes or 0/false/no (or unset)."""
+    v = (_env(name) or "").strip().lower()
+    if v in ("", "0", "false", "no"):
+        return False
+    if v in ("1", "true", "yes"):
+        return True
+    _die(f"{name}={_env(name)!r}: use 1 or 0", EXIT_USAGE)
+
+
+def _check_peer_auth(args: argparse.Namespace, password: bytes | None) -> None:
+    """No password in Kubernetes is no start, unless --insecure-peers says so; without
+    one the log warns at every start (anyone reaching the peer port could join)."""
+    import logging
+
+    insecure = args.insecure_peers or _flag_env("WEAVEIPAM_INSECURE_PEERS")
+    if password is not None:
+        if insecure:
+            _die("--insecure-peers (or WEAVEIPAM_INSECURE_PEERS) and a password were both "
+                 "given: drop --insecure-peers to authenticate peers with the password",
+                 EXIT_USAGE)
+        return
+    if kubernetes_mode(args) and not insecure:
+        _die("refusing to start in Kubernetes (KUBERNETES_SERVICE_HOST is set) without a "
+             "peer password: anyone who reaches the peer port could join the mesh and "
+             "rewrite the ring. Create the Secret once (kubectl -n kube-system create "
+             "secret generic weave-ipam-password --from-literal=password=\"$(head -c 32 "
+             "/dev/urandom | base64)\") and give its file with --password-file, as "
+             "docker/weave-ipam-daemonset.yaml does; or, to run unauthenticated on purpose, "
+             "add --insecure-peers (WEAVEIPAM_INSECURE_PEERS=1)", EXIT_USAGE)
+    logging.getLogger("weaveipam").warning(
+        "peer traffic is NOT authenticated or encrypted: anyone who can reach peer port "
+        "%d can join the mesh, take address ranges and make two nodes hand out the same "
+        "address; give every daemon the same --password-file", args.port)
 
 
 def _daemon_parser(sub: Any) -> None:
@@ -431,7 +485,12 @@ def _daemon_parser(sub: Any) -> None:
                    "traffic; every daemon needs the same one (WEAVE_PASSWORD; prefer "
                    "--password-file, command lines are visible to other users)")
     p.add_argument("--password-file", default=None,
-                   help="read the password from this file (trailing newline ignored)")
+                   help="read the password from this file's first line; an optional "
+                   "second line is another password accepted from peers while rotating "
+                   "(never used to dial)")
+    p.add_argument("--insecure-peers", action="store_true",
+                   help="allow running without a password in Kubernetes: anyone who "
+                   "reaches the peer port can then join the mesh (WEAVEIPAM_INSECURE_PEERS=1)")
     p.add_argument("--op-timeout", type=float, default=30.0,
                    help="seconds an allocation may wait for consensus or space")
     p.add_argument("--log-level", default=_env("WEAVEIPAM_LOG_LEVEL", "info"))

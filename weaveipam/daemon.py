@@ -89,6 +89,8 @@ class Config:
     max_frame: int = 8 << 20
     # --password: peers authenticate and encrypt; kept out of repr (never logged)
     password: bytes | None = field(default=None, repr=False)
+    # while rotating: also accepted from peers that dial us (never used to dial)
+    second_password: bytes | None = field(default=None, repr=False)
 
     @property
     def store_path(self) -> Path:
@@ -274,7 +276,9 @@ class Daemon:
                              on_message=self._on_message, on_peer_up=self._on_peer_up,
                              on_peer_down=self._on_peer_down,
                              heartbeat=cfg.heartbeat, dead_timeout=cfg.dead_timeout,
-                             max_frame=cfg.max_frame, password=cfg.password)
+                             max_frame=cfg.max_frame, password=cfg.password,
+                             second_password=cfg.second_password,
+                             cluster=str(cfg.universe))
             await self.mesh.start()
         except MeshError as e:
             self.mesh = None

@@ -86,6 +86,13 @@ class _IpamCollector(Collector):
             yield refused
         yield GaugeMetricFamily("weaveipam_up", "1 while this peer can allocate.",
                                 value=1.0 if a.can_allocate() else 0.0)
+        yield GaugeMetricFamily("weaveipam_peer_auth_enabled",
+                                "1 if peers must prove the password (and traffic is "
+                                "encrypted), 0 if anyone reaching the peer port can join.",
+                                value=1.0 if encrypting else 0.0)
+        yield GaugeMetricFamily("weaveipam_peer_auth_second_password",
+                                "1 while a second password is accepted too (rotation).",
+                                value=1.0 if d.cfg.second_password is not None else 0.0)
         if d.store is not None:
             c = CounterMetricFamily("weaveipam_store_transactions",
                                     "Store transactions committed (fsyncs).")

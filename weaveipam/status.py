@@ -109,6 +109,16 @@ def ipam_text(d: Daemon) -> str:
     return "\n".join(lines) + "\n"
 
 
+def encryption_text(d: Daemon) -> str:
+    """Weave's "enabled"/"disabled", and whether peers are authenticated (and by which
+    passwords, while one is being rotated)."""
+    if d.cfg.password is None:
+        return "disabled (peers are not authenticated: anyone reaching the peer port can join)"
+    if d.cfg.second_password is not None:
+        return "enabled (peers authenticated; a second password is accepted too)"
+    return "enabled (peers authenticated)"
+
+
 def status_text(d: Daemon) -> str:
     """`weave status`: identity, connections and the IPAM block."""
     a = d.allocator
@@ -117,7 +127,7 @@ def status_text(d: Daemon) -> str:
     rows = [
         ("Version", f"weaveipam {__version__}"),
         ("Name", f"{a.name}({d.cfg.nickname})"),
-        ("Encryption", "enabled" if d.cfg.password is not None else "disabled"),
+        ("Encryption", encryption_text(d)),
         ("Peers", f"{len(a.reachable()) + 1} (with {est} established connections)"),
         ("Connections", f"{len(conns)} (established {est})"),
         ("", ""),

@@ -7,9 +7,10 @@ directly connected) or to ``broadcast`` to direct neighbours, and receives them 
 
 Modules: ``frames`` (wire format, schema checks), ``handshake`` (peer acceptance rules),
 ``connection`` (one socket: reader/writer tasks, heartbeats, bounded send queue),
-``topology`` (gossiped peer graph, routes), ``crypto`` (``password=``: X25519 key
-exchange authenticated by the shared secret, then every frame sealed with SecretBox and
-a per-direction counter nonce), ``mesh`` (the ``Mesh`` itself).
+``topology`` (gossiped peer graph, routes), ``crypto`` (``password=``: an Argon2id
+secret salted by ``cluster=``, an X25519 key exchange authenticated by it, then every
+frame sealed with SecretBox and a per-direction counter nonce; ``second_password=`` is
+also accepted from diallers while rotating), ``mesh`` (the ``Mesh`` itself).
 
 With a password, peers without it (or with another one) are refused and both sides log
 why; without one, encrypting peers are refused.  At most ``max_per_ip`` inbound

@@ -49,8 +49,8 @@ class ConnConfig:
     queue_bytes: int
     max_objects: int = DEFAULT_MAX_OBJECTS
     close_timeout: float = 0.5  # how long a closing socket may take to flush
-    # derived from --password (crypto.derive_secret): None means plaintext peers only
-    secret: bytes | None = field(default=None, repr=False)
+    # derived from --password (crypto.Keyring): None means plaintext peers only
+    keys: crypto.Keyring | None = field(default=None, repr=False)
 
 
 class ConnHandler(Protocol):
@@ -99,7 +99,7 @@ class Connection:
         self._closing = asyncio.Event()
         self._farewell: str | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._keys = crypto.KeyPair() if config.secret is not None else None
+        self._keys = crypto.KeyPair() if config.keys is not None else None
         self._sealer: crypto.Sealer | None = None
         self._opener: crypto.Opener | None = None
 
@@ -285,13 +285,13 @@ class Connection:
 
     def _encryption_agrees(self, hello: Hello) -> bool:
         """Both ends must have a password, or neither; refuse (both sides log) if not."""
-        if self._cfg.secret is not None and not hello.encrypt:
+        if self._cfg.keys is not None and not hello.encrypt:
             self.close(f"peer {hello.name}({hello.nickname}) sent no encryption handshake: "
                        "it has no --password; give every daemon the same password",
                        level=logging.WARNING,
                        farewell="this peer requires encryption: start with --password")
             return False
-        if self._cfg.secret is None and hello.encrypt:
+        if self._cfg.keys is None and hello.encrypt:
             self.close(f"peer {hello.name}({hello.nickname}) requires encryption: start "
                        "this daemon with --password", level=logging.WARNING,
                        farewell="this peer has no --password: refusing encryption")
@@ -300,9 +300,11 @@ class Connection:
 
     async def _authenticate(self, hello: Hello, keys: crypto.KeyPair) -> bool:
         """X25519 exchange, mutual proof of the shared secret, session keys.  The caller
-        bounds this by the handshake timeout."""
-        secret = self._cfg.secret
-        assert secret is not None
+        bounds this by the handshake timeout.  The dialler proves its current secret
+        first; the listener accepts any of its secrets (rotation) and answers under the
+        one the dialler proved, never to a dialler it refused."""
+        ring = self._cfg.keys
+        assert ring is not None
         kx = await self._handshake_frame(KeyExchange)
         assert isinstance(kx, KeyExchange)
         shared = keys.shared(kx.pub)
@@ -312,15 +314,21 @@ class Connection:
         else:
             th = crypto.transcript(encode(hello), encode(self.ours), kx.pub, keys.public)
             mine, theirs = crypto.LISTENER, crypto.DIALLER
-        self.send_frame(encode(Auth(crypto.auth_tag(secret, th, mine))))
+        if self.outbound:
+            self.send_frame(encode(Auth(crypto.auth_tag(ring.dial, th, mine))))
         auth = await self._handshake_frame(Auth)
         assert isinstance(auth, Auth)
-        if not crypto.check_tag(secret, th, theirs, auth.mac):
+        # a listener answers under the secret we dialled with; we accept any from a dialler
+        secret = ring.match(th, theirs, auth.mac, dial_only=self.outbound)
+        if secret is None:
             self.close(f"peer {hello.name}({hello.nickname}) failed authentication: its "
-                       "--password differs from ours", level=logging.WARNING,
+                       "--password differs from ours (or its --ipalloc-range, which salts "
+                       "the key)", level=logging.WARNING,
                        farewell="authentication failed: every daemon needs the same "
-                       "--password")
+                       "--password and --ipalloc-range")
             return False
+        if not self.outbound:
+            self.send_frame(encode(Auth(crypto.auth_tag(secret, th, mine))))
         d2l, l2d = crypto.session_keys(secret, shared, th)
         out_key, in_key = (d2l, l2d) if self.outbound else (l2d, d2l)
         self._sealer = crypto.Sealer(out_key)

@@ -3,9 +3,17 @@
 After the plaintext hellos, each side of an encrypting connection sends an ephemeral
 X25519 public key (``kx`` frame, generated per connection) and then proves it knows the
 shared secret with a keyed BLAKE2b MAC over the transcript (both hellos, both public
-keys) and its role (``auth`` frame).  The shared secret is a 32-byte key derived from the
-password with keyed BLAKE2b and a fixed application key; the password itself is never
-kept.  Two directional session keys come from the X25519 result, the secret and the
+keys) and its role (``auth`` frame).  The dialler proves itself first; the listener
+answers only a dialler it accepted, so a stranger who connects gets nothing to guess a
+password against.
+
+The shared secret is a 32-byte key derived from the password with Argon2id (memory-hard:
+a recorded handshake cannot be brute-forced cheaply), salted with a fixed value per
+cluster (a hash of the allocation range, so two clusters with one password still get
+different keys).  It is derived once per process; the password itself is never kept.  A
+``Keyring`` holds the current secret (proves us when we dial) and optionally a second one
+(also accepted from a dialler), so a password can be rotated one daemon at a time.
+Two directional session keys come from the X25519 result, the secret and the
 transcript, so each connection has fresh keys (forward secrecy) and a captured frame
 is useless on any other connection.
 
@@ -18,9 +26,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Sequence
 
 import nacl.exceptions
 import nacl.public
+import nacl.pwhash.argon2id as argon2id
 import nacl.secret
 
 from .frames import HEADER_LEN, FrameError, MeshError
@@ -30,7 +40,11 @@ COUNTER_LEN = 8
 SEAL_OVERHEAD = COUNTER_LEN + nacl.secret.SecretBox.MACBYTES  # per frame, on top of the body
 _NONCE_PAD = bytes(nacl.secret.SecretBox.NONCE_SIZE - COUNTER_LEN)
 _MAX_COUNTER = (1 << 64) - 1
-_APP_KEY = b"weaveipam mesh password v1"  # fixed "salt": the same password, the same secret
+# Argon2id cost: 2 passes over 24 MiB, about 0.04 CPU-seconds here (benchmarks/
+# bench_crypto.py --kdf); the start-up budget is 0.1 s even with a second password.
+KDF_OPSLIMIT = 2
+KDF_MEMLIMIT = 24 << 20
+MAX_PASSWORDS = 2  # the current one and, while rotating, one more accepted from peers
 DIALLER = b"dialler"
 LISTENER = b"listener"
 
@@ -39,12 +53,55 @@ class ReplayError(FrameError):
     """A sealed frame whose counter is not the next one expected."""
 
 
-def derive_secret(password: bytes) -> bytes:
-    """The 32-byte shared secret for ``password`` (keyed BLAKE2b, fixed app key)."""
+def cluster_salt(cluster: str) -> bytes:
+    """The KDF salt for a cluster: public and fixed (every daemon must derive the same
+    key), 16 bytes of BLAKE2b over the cluster's identity (the daemon's allocation range)."""
+    return hashlib.blake2b(cluster.encode(), digest_size=argon2id.SALTBYTES,
+                           person=b"wipam-kdf-salt").digest()
+
+
+def derive_secret(password: bytes, cluster: str = "") -> bytes:
+    """The 32-byte shared secret for ``password`` in ``cluster`` (Argon2id)."""
     if not isinstance(password, bytes) or not password:
         raise MeshError("the password must be a non-empty byte string")
-    return hashlib.blake2b(password, digest_size=KEY_LEN, key=_APP_KEY,
-                           person=b"wipam-password").digest()
+    return argon2id.kdf(KEY_LEN, password, cluster_salt(cluster),
+                        opslimit=KDF_OPSLIMIT, memlimit=KDF_MEMLIMIT)
+
+
+class Keyring:
+    """The derived secrets of one daemon: ``dial`` proves us when we dial; a dialler
+    proving any of them is accepted (the current password and, while rotating, the
+    other one).  Secrets stay out of repr."""
+
+    def __init__(self, passwords: Sequence[bytes], cluster: str = "") -> None:
+        if not 1 <= len(passwords) <= MAX_PASSWORDS:
+            raise MeshError(f"give 1 to {MAX_PASSWORDS} passwords (the current one, then "
+                            f"while rotating a second one), not {len(passwords)}")
+        if len(set(passwords)) != len(passwords):
+            raise MeshError("the second password is the same as the first: drop it")
+        self.secrets = tuple(derive_secret(p, cluster) for p in passwords)
+
+    @property
+    def dial(self) -> bytes:
+        return self.secrets[0]
+
+    @property
+    def rotating(self) -> bool:
+        """Whether a second password is accepted too."""
+        return len(self.secrets) > 1
+
+    def __repr__(self) -> str:
+        return f"<Keyring of {len(self.secrets)} secret(s)>"
+
+    def match(self, transcript_hash: bytes, role: bytes, tag: bytes,
+              dial_only: bool = False) -> bytes | None:
+        """The secret ``tag`` proves (each checked in constant time), or None; with
+        ``dial_only`` only the current one counts."""
+        found = None
+        for secret in self.secrets[:1] if dial_only else self.secrets:
+            if check_tag(secret, transcript_hash, role, tag) and found is None:
+                found = secret
+        return found
 
 
 def _blake(data: bytes, key: bytes, person: bytes) -> bytes:

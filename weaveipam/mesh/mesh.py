@@ -145,10 +145,16 @@ class Mesh:
         send_queue: int = 1024,
         send_queue_bytes: int | None = None,
         password: bytes | None = None,
+        second_password: bytes | None = None,
+        cluster: str = "",
         max_per_ip: int = 8,
     ) -> None:
-        # Only the derived secret is kept (inside ConnConfig, out of its repr).
-        secret = crypto.derive_secret(password) if password is not None else None
+        # Only the derived secrets are kept (inside ConnConfig, out of its repr); they
+        # are derived here, once, as the KDF is deliberately slow.  ``cluster`` salts it.
+        if second_password is not None and password is None:
+            raise MeshError("a second password needs a first one")
+        keys = (crypto.Keyring([p for p in (password, second_password) if p is not None],
+                               cluster) if password is not None else None)
         if max_per_ip < 1:
             raise MeshError("max_per_ip must be at least 1")
         if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_LEN \
@@ -186,7 +192,7 @@ class Mesh:
         self._cfg = ConnConfig(
             max_frame=max_frame, heartbeat=heartbeat, dead_timeout=dead_timeout,
             handshake_timeout=handshake_timeout, queue_frames=send_queue,
-            max_objects=max_objects, secret=secret,
+            max_objects=max_objects, keys=keys,
             queue_bytes=send_queue_bytes if send_queue_bytes is not None else 4 * max_frame,
         )
         self._session = secrets.randbits(64)
@@ -227,7 +233,7 @@ class Mesh:
     @property
     def encrypted(self) -> bool:
         """Whether this mesh was given a password (all its peer traffic is encrypted)."""
-        return self._cfg.secret is not None
+        return self._cfg.keys is not None
 
     @property
     def listen_port(self) -> int:
@@ -393,7 +399,7 @@ class Mesh:
                   outbound: bool, address: str, remote_host: str) -> Connection:
         ours = Hello(PROTOCOL_VERSION, self._name, self._nickname, self._uid,
                      self._listen_port or 0, self._session, secrets.randbits(64),
-                     encrypt=self._cfg.secret is not None)
+                     encrypt=self._cfg.keys is not None)
         conn = Connection(reader, writer, outbound=outbound, address=address,
                           remote_host=remote_host, ours=ours, config=self._cfg,
                           handler=self._events)
