@@ -26,6 +26,7 @@ SHIM = SHIM_DIR / "weave-ipam"
 REF = Path("/usr/lib/cni")
 BRIDGE = REF / "bridge"
 HOST_LOCAL = REF / "host-local"
+CONFLIST = REPO / "docker" / "10-weave-ipam.conflist"   # as shipped
 
 
 def shim_binary() -> Path:

@@ -25,6 +25,7 @@ from .config import (
     E_NOT_AVAILABLE,
     E_TRY_AGAIN,
     E_UNKNOWN_CONTAINER,
+    FIXED_GATEWAY_IDENT,
     CniError,
     Env,
     NetConf,
@@ -33,6 +34,7 @@ from .config import (
     decode_config,
     ident_for,
     ident_prefix,
+    node_gateway_ident,
     parse_config,
     parse_env,
     peek_version,
@@ -43,8 +45,8 @@ from .config import (
 
 log = logging.getLogger("weaveipam.cni")
 
-GATEWAY_IDENT = "cni-gateway:"   # holds a gateway address the allocator handed out once
 MAX_GATEWAY_SWAPS = 3
+GATEWAY_NOTE = "gateway of this node"
 
 
 class DaemonLike(Protocol):
@@ -136,6 +138,7 @@ class CniService:
         ident = ident_for(conf.name, env.container_id, env.ifname)
         note = pod_note(env.args)
         what = f"ADD {conf.name}/{env.container_id[:12]}/{env.ifname}"
+        gateway = await self._gateway(conf, what) if conf.wants_gateway else None
         if conf.static:
             got = await self._claim_all(ident, conf.static, note, what)
         else:
@@ -145,22 +148,54 @@ class CniService:
         log.info("CNI %s: %s%s", what, ", ".join(f"{fmt(x, a.universe.bits)}/{p}"
                                                   for x, p in addrs),
                  f" ({note})" if note else "")
-        return add_result(conf, addrs, a.universe.bits)
+        return add_result(conf, addrs, a.universe.bits, gateway)
+
+    async def _gateway(self, conf: NetConf, what: str) -> int:
+        """The gateway the plugin must put on the host side.  An explicit ipam.gateway is
+        reserved where this node owns it; otherwise each node has its own, allocated once
+        from its own space under a reserved ident (so it is durable, the same after a
+        restart, and different on every node: all bridges are on one cluster range)."""
+        a = self.d.allocator
+        if conf.gateway is not None:
+            await self._reserve_fixed(conf.gateway, conf.name, what)
+            return conf.gateway
+        subnet = None if conf.subnet == a.default_subnet else conf.subnet
+        gw_ident = node_gateway_ident(subnet)
+        window = (subnet or a.default_subnet).usable()
+        for x in a.allocations().get(gw_ident, {}):
+            if x in window:
+                return x  # held already: no allocator round trip on every ADD
+        gw: int = await self._call(Allocate(gw_ident, subnet, GATEWAY_NOTE),
+                                   f"{what}: allocating this node's gateway")
+        log.info("CNI gateway of this node in %s: %s (held as %r)",
+                 subnet or a.default_subnet, fmt(gw, a.universe.bits), gw_ident)
+        return gw
+
+    async def _reserve_fixed(self, gw: int, network: str, what: str) -> None:
+        """Hold an explicit gateway if it lies in our space; one a pod already holds is a
+        conflict the operator must resolve (the bridge would take the pod's address)."""
+        a = self.d.allocator
+        if gw in a.allocations().get(FIXED_GATEWAY_IDENT, {}) or not a.space.owns(gw):
+            return  # held, or another peer's: _allocate never hands it out if it moves here
+        try:
+            await self.d.call(Claim(FIXED_GATEWAY_IDENT, gw, f"ipam.gateway of {network}"))
+        except ApiError as e:
+            if e.code == "conflict":
+                raise CniError(E_CONFLICT, f"{what}: ipam.gateway {fmt(gw, a.universe.bits)} "
+                               f"is already in use: {e.message}",
+                               "choose another ipam.gateway, or leave it out and the "
+                               "daemon gives each node its own") from None
+            raise _map(e, what) from None
 
     async def _allocate(self, ident: str, conf: NetConf, note: str, what: str) -> int:
         addr: int = await self._call(Allocate(ident, conf.subnet, note), what)
         for _ in range(MAX_GATEWAY_SWAPS):
             if addr != conf.gateway:
                 return addr
-            # the gateway is inside the range and nobody reserved it: reserve it now, under
-            # its own ident, so no pod ever gets it; then allocate again
+            # an explicit gateway handed out here (its range moved to us since the last
+            # ADD): reserve it under the gateways' ident, then allocate again
             await self._call(Release(ident, addr), what)
-            try:
-                await self.d.call(Claim(GATEWAY_IDENT + conf.name, addr,
-                                        f"gateway of {conf.name}"))
-            except ApiError as e:
-                log.warning("could not reserve gateway %s of %s: %s",
-                            fmt(addr, self.d.allocator.universe.bits), conf.name, e.message)
+            await self._reserve_fixed(addr, conf.name, what)
             addr = await self._call(Allocate(ident, conf.subnet, note), what)
         raise CniError(E_INTERNAL, f"{what}: the allocator keeps handing out the gateway "
                        f"{fmt(addr, self.d.allocator.universe.bits)}")
