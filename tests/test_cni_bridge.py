@@ -220,9 +220,9 @@ def shipped_plugin(name: str = "weave-ipam") -> dict[str, Any]:
 
 def owner_of(n: Node, addr: str) -> str:
     """The peer whose ring segment holds addr, from the node's /report."""
-    a = ipaddress.ip_address(addr)
+    a = int(ipaddress.ip_address(addr))
     for e in n.report()["entries"]:
-        start = ipaddress.ip_address(e["token"])
+        start = int(ipaddress.ip_address(e["token"]))
         if start <= a < start + e["size"]:
             return str(e["peer"])
     raise AssertionError(f"{addr} is in no ring entry")

@@ -147,8 +147,8 @@ class Node:
         return subprocess.run(self.argv(*args), capture_output=True, text=True,
                               timeout=timeout, env=self.env())
 
-    def run_args(self, cid: str, *cmd: str, rm: bool = True) -> list[str]:
-        return ["run", *(["--rm"] if rm else []), "--cni", "--fifo-dir", str(self.rt.fifo),
+    def run_args(self, cid: str, *cmd: str, cni: bool = True) -> list[str]:
+        return ["run", "--rm", *(["--cni"] if cni else []), "--fifo-dir", str(self.rt.fifo),
                 "--env", "PATH=/bin", "--rootfs", str(self.rt.rootfs), cid, *cmd]
 
     def start(self, cid: str, *cmd: str) -> subprocess.Popen[str]:
@@ -158,9 +158,10 @@ class Node:
         self.rt.procs.append(p)
         return p
 
-    def run(self, cid: str, *cmd: str, timeout: float = 60.0
+    def run(self, cid: str, *cmd: str, cni: bool = True, timeout: float = 60.0
             ) -> subprocess.CompletedProcess[str]:
-        return self.ctr(*self.run_args(cid, *cmd), timeout=timeout)
+        """`ctr run --rm`: the runtime's ADD before the task starts, its DEL after it ends."""
+        return self.ctr(*self.run_args(cid, *cmd, cni=cni), timeout=timeout)
 
     def exec(self, cid: str, *cmd: str, timeout: float = 30.0
              ) -> subprocess.CompletedProcess[str]:
