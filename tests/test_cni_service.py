@@ -13,7 +13,7 @@ import pytest
 from weaveipam.cni.config import HEADERS
 from weaveipam.cni.service import CniService
 from weaveipam.core.addr import CIDR
-from weaveipam.core.allocator import Allocator, InitMode, Reply, Request
+from weaveipam.core.allocator import Allocate, Allocator, InitMode, Reply, Request
 from weaveipam.daemon import ApiError
 
 
@@ -208,6 +208,22 @@ async def test_node_gateway_per_subnet() -> None:
     held = d.held()
     assert held["weave:expose"] == [dflt["gateway"]]
     assert held["weave:expose:198.18.8.0/22"] == [sub["gateway"]]
+
+
+async def test_a_refused_add_leaves_no_gateway_and_no_address() -> None:
+    """No room for the gateway: the pod's address is given back (11, retry later); a static
+    conflict on a node without a gateway yet does not make one."""
+    d = FakeDaemon("198.18.0.0/30")  # two usable addresses
+    run = Runner(d)
+    await d.call(Allocate("someone", None))
+    before = d.held()
+    rc, err = await run("ADD", gw_net(isGateway=True))
+    assert rc == 1 and err["code"] == 11 and "gateway" in err["msg"], err
+    assert d.held() == before
+    taken = before["someone"][0]
+    rc, err = await run("ADD", gw_net(isGateway=True), args=f"IP={taken}")
+    assert rc == 1 and err["code"] == 101
+    assert d.held() == before
 
 
 async def test_static_address_cannot_take_the_gateway(d: FakeDaemon, run: Runner) -> None:

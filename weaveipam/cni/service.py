@@ -14,7 +14,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from ..core.addr import Range, fmt
+from ..core.addr import CIDR, Range, fmt
 from ..core.allocator import Allocate, Allocator, Claim, Lookup, Prime, Release, Request
 from ..daemon import ApiError
 from .config import (
@@ -138,11 +138,24 @@ class CniService:
         ident = ident_for(conf.name, env.container_id, env.ifname)
         note = pod_note(env.args)
         what = f"ADD {conf.name}/{env.container_id[:12]}/{env.ifname}"
-        gateway = await self._gateway(conf, what) if conf.wants_gateway else None
+        gateway: int | None = None
+        if conf.gateway is not None:
+            await self._reserve_fixed(conf.gateway, conf.name, what)
+            gateway = conf.gateway
+        elif conf.wants_gateway:
+            gateway = self._node_gateway_held(conf)
+        before = set(a.allocations().get(ident, {}))
         if conf.static:
             got = await self._claim_all(ident, conf.static, note, what)
         else:
             got = [await self._allocate(ident, conf, note, what)]
+        if conf.wants_gateway and gateway is None:
+            # after the pod's address, so a refused ADD has changed nothing
+            try:
+                gateway = await self._node_gateway(conf, what)
+            except CniError:
+                await self._undo(ident, [x for x in got if x not in before], what)
+                raise
         addrs = [(x, subnet_of(x, conf.subnet, a.universe, a.default_subnet).prefix)
                  for x in got]
         log.info("CNI %s: %s%s", what, ", ".join(f"{fmt(x, a.universe.bits)}/{p}"
@@ -150,21 +163,26 @@ class CniService:
                  f" ({note})" if note else "")
         return add_result(conf, addrs, a.universe.bits, gateway)
 
-    async def _gateway(self, conf: NetConf, what: str) -> int:
-        """The gateway the plugin must put on the host side.  An explicit ipam.gateway is
-        reserved where this node owns it; otherwise each node has its own, allocated once
-        from its own space under a reserved ident (so it is durable, the same after a
-        restart, and different on every node: all bridges are on one cluster range)."""
+    def _node_gateway_key(self, conf: NetConf) -> tuple[str, CIDR | None]:
+        """One gateway per node per subnet; the default subnet's under the plain ident."""
         a = self.d.allocator
-        if conf.gateway is not None:
-            await self._reserve_fixed(conf.gateway, conf.name, what)
-            return conf.gateway
         subnet = None if conf.subnet == a.default_subnet else conf.subnet
-        gw_ident = node_gateway_ident(subnet)
+        return node_gateway_ident(subnet), subnet
+
+    def _node_gateway_held(self, conf: NetConf) -> int | None:
+        """This node's gateway if it has one already (no allocator round trip per ADD)."""
+        a = self.d.allocator
+        gw_ident, subnet = self._node_gateway_key(conf)
         window = (subnet or a.default_subnet).usable()
-        for x in a.allocations().get(gw_ident, {}):
-            if x in window:
-                return x  # held already: no allocator round trip on every ADD
+        return next((x for x in a.allocations().get(gw_ident, {}) if x in window), None)
+
+    async def _node_gateway(self, conf: NetConf, what: str) -> int:
+        """The address every pod of this node (in this subnet) gets as its gateway: allocated
+        once from this node's own space under a reserved ident, so it is durable, the same
+        after a restart, never a pod's, and different on every node (all the nodes'
+        bridges are on one cluster range)."""
+        a = self.d.allocator
+        gw_ident, subnet = self._node_gateway_key(conf)
         gw: int = await self._call(Allocate(gw_ident, subnet, GATEWAY_NOTE),
                                    f"{what}: allocating this node's gateway")
         log.info("CNI gateway of this node in %s: %s (held as %r)",
@@ -211,14 +229,18 @@ class CniService:
                 if x not in before:
                     taken.append(x)
         except CniError:
-            for x in taken:
-                try:
-                    await self.d.call(Release(ident, x))
-                except ApiError as e:
-                    log.error("%s: could not undo the claim of %s: %s", what,
-                              fmt(x, self.d.allocator.universe.bits), e.message)
+            await self._undo(ident, taken, what)
             raise
         return list(want)
+
+    async def _undo(self, ident: str, addrs: list[int], what: str) -> None:
+        """Give back what a refused ADD took."""
+        for x in addrs:
+            try:
+                await self.d.call(Release(ident, x))
+            except ApiError as e:
+                log.error("%s: could not give back %s: %s", what,
+                          fmt(x, self.d.allocator.universe.bits), e.message)
 
     async def delete(self, env: Env, conf: NetConf) -> None:
         """Free the key's addresses; nothing held is a success, an unreachable store not."""
