@@ -200,8 +200,9 @@ def bench_containerd(node: Node, shim: Path, n: int, data_dir: Path) -> dict[str
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--iterations", type=int, default=200, help="ADD+DEL pairs through bridge")
-    ap.add_argument("--direct", type=int, default=400, help="pairs without bridge")
+    ap.add_argument("--iterations", type=int, default=200,
+                    help="ADD+DEL pairs through bridge (0: skip)")
+    ap.add_argument("--direct", type=int, default=400, help="pairs without bridge (0: skip)")
     ap.add_argument("--containerd", type=int, default=60,
                     help="ctr runs per variant through a private containerd (0: skip)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
@@ -218,28 +219,32 @@ def main() -> int:
         (node,) = c.add(1, range_=RANGE, init="consensus=1", connect=False)
         print(f"machine: {os.cpu_count()} CPUs; daemon range {RANGE}; host-local "
               f"{HOST_LOCAL_SUBNET} in {root}")
-        br = bench_bridge(node.socket, args.iterations, root / "hl-bridge")
-        print(f"\n1. bridge ADD+DEL, {args.iterations} each, interleaved (ms)")
-        print(f"{'':12} {'pair mean':>10} {'pair p50':>9} {'pair p90':>9} {'ADD p50':>8} "
-              f"{'DEL p50':>8}")
-        for k in ("weave-ipam", "host-local"):
-            d = br[k]
-            print(f"{k:12} {d['pair']['mean']:10.2f} {d['pair']['p50']:9.2f} "
-                  f"{d['pair']['p90']:9.2f} {d['add']['p50']:8.2f} {d['del']['p50']:8.2f}")
-        print(f"ratio weave-ipam/host-local: {br['ratio_mean']:.2f} (mean), "
-              f"{br['ratio_p50']:.2f} (p50)")
-        di = bench_direct(node.socket, shim, args.direct, root / "hl-direct")
-        print(f"\n2. the IPAM alone, {args.direct} ADD+DEL pairs (ms, p50 / mean)")
-        for k, label in (("shim", "weave-ipam shim ADD+DEL"),
-                         ("socket", "same over the socket, no process"),
-                         ("host-local", "host-local ADD+DEL"),
-                         ("version", "shim VERSION (no daemon)"),
-                         ("true", "/bin/true, same pipes (process start)")):
-            print(f"{label:40} {di[k]['p50']:7.2f} / {di[k]['mean']:7.2f}")
-        print(f"per call, shim minus a direct socket request: "
-              f"{di['shim_overhead_per_call_ms']:.2f} ms (p50); shim VERSION minus "
-              f"/bin/true: {di['version']['p50'] - di['true']['p50']:.2f} ms")
-        figures: dict[str, Any] = {"bridge": br, "direct": di}
+        figures: dict[str, Any] = {}
+        if args.iterations:
+            br = bench_bridge(node.socket, args.iterations, root / "hl-bridge")
+            print(f"\n1. bridge ADD+DEL, {args.iterations} each, interleaved (ms)")
+            print(f"{'':12} {'pair mean':>10} {'pair p50':>9} {'pair p90':>9} {'ADD p50':>8} "
+                  f"{'DEL p50':>8}")
+            for k in ("weave-ipam", "host-local"):
+                d = br[k]
+                print(f"{k:12} {d['pair']['mean']:10.2f} {d['pair']['p50']:9.2f} "
+                      f"{d['pair']['p90']:9.2f} {d['add']['p50']:8.2f} {d['del']['p50']:8.2f}")
+            print(f"ratio weave-ipam/host-local: {br['ratio_mean']:.2f} (mean), "
+                  f"{br['ratio_p50']:.2f} (p50)")
+            figures["bridge"] = br
+        if args.direct:
+            di = bench_direct(node.socket, shim, args.direct, root / "hl-direct")
+            print(f"\n2. the IPAM alone, {args.direct} ADD+DEL pairs (ms, p50 / mean)")
+            for k, label in (("shim", "weave-ipam shim ADD+DEL"),
+                             ("socket", "same over the socket, no process"),
+                             ("host-local", "host-local ADD+DEL"),
+                             ("version", "shim VERSION (no daemon)"),
+                             ("true", "/bin/true, same pipes (process start)")):
+                print(f"{label:40} {di[k]['p50']:7.2f} / {di[k]['mean']:7.2f}")
+            print(f"per call, shim minus a direct socket request: "
+                  f"{di['shim_overhead_per_call_ms']:.2f} ms (p50); shim VERSION minus "
+                  f"/bin/true: {di['version']['p50'] - di['true']['p50']:.2f} ms")
+            figures["direct"] = di
         missing = runtime_missing()
         if args.containerd and missing:
             print(f"\n3. containerd: skipped, needs {'; '.join(missing)}")
