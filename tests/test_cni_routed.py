@@ -7,9 +7,13 @@ go at reset.  Everything lives in namespaces made here and removed after.
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import secrets
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,39 +72,102 @@ def nodes() -> Iterator[list[ChaosNode]]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def ptp_add(n: ChaosNode, h: HostScratch) -> tuple[str, str]:
-    """A pod on node n: (its namespace, its address)."""
+def ptp_add(n: ChaosNode, h: HostScratch, ip: str | None = None) -> tuple[str, str]:
+    """A pod on node n (at a static address if given): (its namespace, its address)."""
     conf = {"cniVersion": "1.0.0", "name": "routed", "type": "ptp",
             "ipam": {"type": "weave-ipam"}}
     pod = h.new_netns()
     r: CniRun = run_plugin(REF / "ptp", "ADD", conf, container_id=secrets.token_hex(8),
                            netns=pod.path, ifname="eth0", socket=n.socket,
+                           args=f"IP={ip}" if ip else None,
                            cni_path=f"{shim_binary().parent}:{REF}", in_netns=n.ns)
     assert r.rc == 0, str(r)
     (ipc,) = r.json["ips"]
     return pod.name, ipc["address"].split("/")[0]
 
 
-def test_pods_reach_pods_on_every_node_and_reset_removes_routes(
-        nodes: list[ChaosNode]) -> None:
+def ping(pod_ns: str, addr: str) -> None:
+    r = subprocess.run(["ip", "netns", "exec", pod_ns, str(BUSYBOX), "ping", "-c", "1", "-W",
+                        "3", addr], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, f"{pod_ns} -> {addr}: {r.stdout} {r.stderr}"
+
+
+def via(n: ChaosNode) -> set[str]:
+    return {r.split(" via ")[1] for r in routes(n)}
+
+
+def owned_by(n: ChaosNode, name: str) -> list[tuple[int, int]]:
+    code, body = api(n, "GET", "/ip")  # any call: the report is on the status port
+    rep = subprocess.run(["ip", "netns", "exec", n.ns, sys.executable, "-c",
+                          "import urllib.request,sys;sys.stdout.write(urllib.request.urlopen("
+                          "'http://127.0.0.1:6782/report').read().decode())"],
+                         capture_output=True, text=True, timeout=30)
+    out = []
+    for e in json.loads(rep.stdout)["entries"]:
+        if e["peer"] == name:
+            start = int(ipaddress.ip_address(e["token"]))
+            out.append((start, start + e["size"]))
+    return out
+
+
+def test_routes_follow_the_ring(nodes: list[ChaosNode]) -> None:
+    n0, n1, n2 = nodes
     with host_scratch() as h:
+        # every pod reaches every other pod, across nodes
         pods = [ptp_add(n, h) for n in nodes]
         for n in nodes:
             others = {m.addr for m in nodes if m is not n}
-            wait_for(lambda n=n, others=others: {r.split(" via ")[1] for r in routes(n)}
-                     == others, timeout=10, what=f"{n.nickname}'s routes to its peers")
+            wait_for(lambda n=n, others=others: via(n) == others, timeout=10,
+                     what=f"{n.nickname}'s routes to its peers")
         for i, (ns, _) in enumerate(pods):
             for j, (_, addr) in enumerate(pods):
                 if i != j:
-                    r = subprocess.run(["ip", "netns", "exec", ns, str(BUSYBOX), "ping", "-c",
-                                        "1", "-W", "3", addr], capture_output=True, text=True,
-                                       timeout=30)
-                    assert r.returncode == 0, f"pod {i} -> pod {j} ({addr}): {r.stdout}"
-        gone = nodes[2]
-        code, body = api(gone, "DELETE", "/peer")
+                    ping(ns, addr)
+
+        # a restart keeps the routes (pods stay reachable meanwhile) and puts back the same
+        before = sorted(routes(n1))
+        n1.signal(signal.SIGTERM)
+        assert n1.proc is not None and n1.proc.wait(30) == 0
+        assert sorted(routes(n1)) == before
+        ping(pods[0][0], pods[1][1])
+        n1.start()
+        wait_for(lambda: api(n1, "GET", "/ring")[1].strip() == "ready", timeout=60,
+                 what="node1 ready again")
+        assert sorted(routes(n1)) == before
+
+        # a donation: node 0 runs out and takes space from a peer; traffic follows
+        mine = owned_by(n0, n0.name)
+        need = sum(e - s for s, e in mine)
+        for k in range(need):
+            code, body = api(n0, "POST", f"/ip/fill-{k}")
+            assert code == 200, body
+        grown = [r for r in owned_by(n0, n0.name) if r not in mine]
+        assert grown, "node 0 took no space from a peer"
+        got = [(f"fill-{k}", api(n0, "GET", f"/ip/fill-{k}")[1].split("/")[0])
+               for k in range(need)]
+        ident, addr = next((i, a) for i, a in got
+                           if any(s <= int(ipaddress.ip_address(a)) < e for s, e in grown))
+        api(n0, "DELETE", f"/ip/{ident}")
+        pod_ns, pod_addr = ptp_add(n0, h, addr)
+        wait_for(lambda: any(r.endswith(f"via {n0.addr}") and
+                             ipaddress.ip_address(pod_addr) in
+                             ipaddress.ip_network(r.split()[0]) for r in routes(n1)),
+                 timeout=10, what="node1 routes the donated range via node0")
+        ping(pods[1][0], pod_addr)
+        ping(pod_ns, pods[2][1])
+
+        # rmpeer of a dead node: its routes disappear everywhere
+        n2.kill()
+        wait_for(lambda: api(n0, "DELETE", f"/peer/{n2.name}")[0] == 200, timeout=30,
+                 interval=0.5, what="rmpeer once node2 is seen dead")
+        for n in (n0, n1):
+            wait_for(lambda n=n: via(n) and n2.addr not in via(n), timeout=15,
+                     what=f"{n.nickname} stops routing via the removed node")
+        ping(pods[0][0], pods[1][1])
+
+        # reset: nothing the daemon added survives, and the peer stops routing via it
+        code, body = api(n1, "DELETE", "/peer")
         assert code in (200, 204), body
-        wait_for(lambda: routes(gone) == [], timeout=10, what="no routes after reset")
-        # the others now route its ranges via their new owner, never via it
-        for n in nodes[:2]:
-            wait_for(lambda n=n: routes(n) and all(gone.addr not in r for r in routes(n)),
-                     timeout=10, what=f"{n.nickname} stops routing via the reset node")
+        wait_for(lambda: routes(n1) == [], timeout=10, what="no routes after reset")
+        wait_for(lambda: n1.addr not in via(n0), timeout=15,
+                 what="node0 stops routing via the reset node")
