@@ -1,26 +1,38 @@
-"""Cost of keeping pod routes in step with the ring (--pod-routes), in a network namespace
-made here (`wirb-*`, removed after): N peers on one /24 (198.18.250.0/24), each owning K
-ranges of the range 198.19.0.0/16.
+"""Pod routes (--pod-routes): how fast they follow the ring, and what keeping them costs.
+
+1. Convergence: three daemons in network namespaces on one bridge (tests/cluster's
+   harness, 198.18.<run>.0/24, range 198.19.<run>.0/24).  Node 0 allocates until it takes
+   space from a peer (a donation); the time from the allocation that landed in the new
+   range to node 1 routing that address via node 0 (polled every 10 ms).
+2. Cost, in a network namespace made here (`wirb-*`, removed after): N peers on one /24
+   (198.18.250.0/24), each owning K ranges of the range 198.19.0.0/16.
 
 Measures, in CPU-seconds of this process (netlink calls included): computing the wanted
 routes from the ring, the first sync (every route added), a sync with nothing to change,
 reading our routes back from the kernel (done every 60 s), and a sync after one range
 changed owner (a donation).  Needs root.
 
-    python benchmarks/bench_routes.py [--peers 50] [--ranges 8] [--repeat 20]
+    python benchmarks/bench_routes.py [--donations 5] [--peers 50] [--ranges 8]
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import secrets
+import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from test_cni_routed import RoutedNode, api, owned_by, routes  # noqa: E402
+
 from weaveipam.routes import RouteTable, desired_routes  # noqa: E402
 
 BASE = 0xC6130000  # 198.19.0.0
@@ -69,9 +81,53 @@ def child(peers: int, per_peer: int, repeat: int) -> None:
           f"({changed} changed, {removed} removed)")
 
 
+def convergence(donations: int) -> None:
+    from cluster.harness import ChaosCluster
+    from daemons import wait_for
+    root = Path(tempfile.mkdtemp(prefix="wirb-"))
+    c = ChaosCluster(3, root)
+    c.range = f"198.19.{c.net.run}.0/24"
+    try:
+        c.net.setup(3)
+        c.nodes = [RoutedNode(c.net, i, root, c.range, 3) for i in range(3)]
+        for node in c.nodes:
+            node.peers = [f"{m.addr}:6783" for m in c.nodes if m is not node]
+            node.start()
+        for node in c.nodes:
+            wait_for(lambda node=node: api(node, "GET", "/ring")[1].strip() == "ready",
+                     timeout=60, what="ready")
+        n0, n1 = c.nodes[0], c.nodes[1]
+        times, k = [], 0
+        for _ in range(donations):
+            mine = owned_by(n0, n0.name)
+            while True:
+                code, body = api(n0, "POST", f"/ip/fill-{k}")
+                k += 1
+                if code != 200:
+                    print(f"convergence: node 0 is full after {len(times)} donations")
+                    break
+                t0 = time.perf_counter()
+                a = ipaddress.ip_address(body.split("/")[0])
+                if not any(s <= int(a) < e for s, e in mine):
+                    break
+            if code != 200:
+                break
+            while not any(r.endswith(f"via {n0.addr}") and a in
+                          ipaddress.ip_network(r.split()[0]) for r in routes(n1)):
+                time.sleep(0.01)
+            times.append(time.perf_counter() - t0)
+        print(f"route convergence after a donation, {len(times)} donations (ms): "
+              + ", ".join(f"{t * 1000:.0f}" for t in times)
+              + (f"; median {statistics.median(times) * 1000:.0f}" if times else ""))
+    finally:
+        c.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--donations", type=int, default=5, help="convergence trials (0: skip)")
     ap.add_argument("--peers", type=int, default=50)
     ap.add_argument("--ranges", type=int, default=8, help="ranges per peer")
     ap.add_argument("--repeat", type=int, default=20)
@@ -83,6 +139,8 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench_routes: needs root (a network namespace)", file=sys.stderr)
         return 2
+    if args.donations:
+        convergence(args.donations)
     ns = f"wirb-{secrets.token_hex(3)}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
