@@ -1,12 +1,16 @@
-"""Routed pods across nodes (issue 16, first part): three "nodes" as network namespaces on
-one bridge (198.18.<run>.0/24, tests/cluster's harness), a daemon in each with
---pod-routes, pods as namespaces wired by the reference `ptp` plugin with our shim.  Every
-pod pings every other pod across nodes; the routes carry the daemon's protocol number and
-go at reset.  Everything lives in namespaces made here and removed after.
+"""Pods across nodes (issue 16): "nodes" as network namespaces on one bridge
+(198.18.<run>.0/24, tests/cluster's harness), a daemon in each, pods as namespaces wired by
+the reference plugins with our shim.
+
+Routed (--pod-routes, `ptp`): every pod pings every other pod across nodes, the routes
+carry the daemon's protocol number, follow the ring and go at reset.  Shared L2 (the
+shipped `macvlan` conflist, no routes): pods on two nodes ping each other.  Everything
+lives in namespaces made here and removed after.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import secrets
@@ -17,12 +21,13 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cluster.harness import ChaosCluster, ChaosNode, netns_unavailable
 from daemons import wait_for
 from test_cni_runtime import BUSYBOX
-from test_cni_support import REF, CniRun, HostScratch, host_scratch, run_plugin, shim_binary
+from test_cni_support import REF, REPO, CniRun, HostScratch, host_scratch, run_plugin, shim_binary
 
 from weaveipam.cli import UnixHTTPConnection
 from weaveipam.routes import ROUTE_PROTO
@@ -49,17 +54,18 @@ def routes(n: ChaosNode) -> list[str]:
     return [line.split()[0] + " via " + line.split()[2] for line in out.splitlines()]
 
 
-@pytest.fixture(scope="module")
-def nodes() -> Iterator[list[ChaosNode]]:
+@contextlib.contextmanager
+def namespace_nodes(n: int, kind: type[ChaosNode]) -> Iterator[list[ChaosNode]]:
+    """n ready daemons, each in its own namespace on one bridge; all removed after."""
     why = netns_unavailable()
     if why:
         pytest.skip(why)
     root = Path(tempfile.mkdtemp(prefix="wirt-"))
-    c = ChaosCluster(3, root)
+    c = ChaosCluster(n, root)
     c.range = f"198.19.{c.net.run}.0/24"
     try:
-        c.net.setup(3)
-        c.nodes = [RoutedNode(c.net, i, root, c.range, 3) for i in range(3)]
+        c.net.setup(n)
+        c.nodes = [kind(c.net, i, root, c.range, n) for i in range(n)]
         for node in c.nodes:
             node.peers = [f"{m.addr}:6783" for m in c.nodes if m is not node]
             node.start()
@@ -72,12 +78,21 @@ def nodes() -> Iterator[list[ChaosNode]]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def ptp_add(n: ChaosNode, h: HostScratch, ip: str | None = None) -> tuple[str, str]:
+@pytest.fixture(scope="module")
+def nodes() -> Iterator[list[ChaosNode]]:
+    with namespace_nodes(3, RoutedNode) as ns:
+        yield ns
+
+
+PTP = {"cniVersion": "1.0.0", "name": "routed", "type": "ptp", "ipam": {"type": "weave-ipam"}}
+
+
+def pod_add(n: ChaosNode, h: HostScratch, ip: str | None = None,
+            conf: dict[str, Any] = PTP) -> tuple[str, str]:
     """A pod on node n (at a static address if given): (its namespace, its address)."""
-    conf = {"cniVersion": "1.0.0", "name": "routed", "type": "ptp",
-            "ipam": {"type": "weave-ipam"}}
     pod = h.new_netns()
-    r: CniRun = run_plugin(REF / "ptp", "ADD", conf, container_id=secrets.token_hex(8),
+    r: CniRun = run_plugin(REF / conf["type"], "ADD", conf,
+                           container_id=secrets.token_hex(8),
                            netns=pod.path, ifname="eth0", socket=n.socket,
                            args=f"IP={ip}" if ip else None,
                            cni_path=f"{shim_binary().parent}:{REF}", in_netns=n.ns)
@@ -114,7 +129,7 @@ def test_routes_follow_the_ring(nodes: list[ChaosNode]) -> None:
     n0, n1, n2 = nodes
     with host_scratch() as h:
         # every pod reaches every other pod, across nodes
-        pods = [ptp_add(n, h) for n in nodes]
+        pods = [pod_add(n, h) for n in nodes]
         for n in nodes:
             others = {m.addr for m in nodes if m is not n}
             wait_for(lambda n=n, others=others: via(n) == others, timeout=10,
@@ -148,7 +163,7 @@ def test_routes_follow_the_ring(nodes: list[ChaosNode]) -> None:
         ident, addr = next((i, a) for i, a in got
                            if any(s <= int(ipaddress.ip_address(a)) < e for s, e in grown))
         api(n0, "DELETE", f"/ip/{ident}")
-        pod_ns, pod_addr = ptp_add(n0, h, addr)
+        pod_ns, pod_addr = pod_add(n0, h, addr)
         wait_for(lambda: any(r.endswith(f"via {n0.addr}") and
                              ipaddress.ip_address(pod_addr) in
                              ipaddress.ip_network(r.split()[0]) for r in routes(n1)),
@@ -171,3 +186,16 @@ def test_routes_follow_the_ring(nodes: list[ChaosNode]) -> None:
         wait_for(lambda: routes(n1) == [], timeout=10, what="no routes after reset")
         wait_for(lambda: n1.addr not in via(n0), timeout=15,
                  what="node0 stops routing via the reset node")
+
+
+def test_shared_l2_macvlan_needs_no_routes() -> None:
+    """The shipped macvlan conflist (Multus-style secondary network): two nodes on one L2
+    segment, no --pod-routes, no gateway; pods on both nodes reach each other."""
+    shipped = json.loads((REPO / "docker" / "weave-ipam-macvlan.conflist").read_text())
+    conf = {"cniVersion": shipped["cniVersion"], "name": shipped["name"],
+            **shipped["plugins"][0]}
+    with namespace_nodes(2, ChaosNode) as (n0, n1), host_scratch() as h:
+        (a_ns, a), (b_ns, b) = pod_add(n0, h, conf=conf), pod_add(n1, h, conf=conf)
+        assert a != b and routes(n0) == [] and routes(n1) == []
+        ping(a_ns, b)
+        ping(b_ns, a)
