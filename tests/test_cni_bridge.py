@@ -37,6 +37,8 @@ from test_cni_support import (
     shim_binary,
 )
 
+from weaveipam.cni.config import plugin_wants_gateway
+
 __all__ = ["shim"]
 
 RANGE = "198.18.0.0/24"
@@ -229,10 +231,11 @@ def owner_of(n: Node, addr: str) -> str:
 
 
 def test_every_node_has_its_own_gateway_in_its_own_segment(shim: Path) -> None:
-    """The shipped bridge entry (isGateway) on a 3-node ring: each node's gateway lies in
-    that node's segment, they differ, no pod gets one, and a restart keeps it."""
+    """The shipped conflist's plugin (it puts a gateway on the host side) on a 3-node ring:
+    each node's gateway lies in that node's segment, they differ, no pod gets one, and a
+    restart keeps it."""
     conf = shipped_plugin()
-    assert conf["type"] == "bridge" and conf["isGateway"] is True
+    assert plugin_wants_gateway(conf)
     with temp_cluster("wcg-") as c:
         nodes = c.add(3, range_="198.18.8.0/22", init="consensus=3")
         gws, pods = [], []

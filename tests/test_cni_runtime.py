@@ -188,10 +188,11 @@ class Node:
     def kill(self, cid: str) -> None:
         self.ctr("task", "kill", "--signal", "SIGKILL", cid)
 
-    def link_addrs(self, dev: str) -> list[str]:
-        """IPv4 address/prefix on a link of the node's namespace (the bridge)."""
-        out = ip("-n", self.netns, "-4", "-o", "addr", "show", "dev", dev, check=False)
-        return re.findall(r"inet (\S+)", out)
+    def host_addrs(self) -> set[str]:
+        """The IPv4 addresses/prefixes the plugins put on the node's side (its namespace has
+        nothing else): the bridge's, or the one on every `ptp` host veth."""
+        out = ip("-n", self.netns, "-4", "-o", "addr", "show", "scope", "global", check=False)
+        return set(re.findall(r"inet (\S+)", out))
 
 
 class Containerd:

@@ -74,34 +74,51 @@ def host(a: str) -> str:
     return a.split("/")[0]
 
 
-def test_pods_through_the_shipped_conflist(daemons: list[Node], runtime: Containerd) -> None:
+# The conflist shipped before routed pods (issue 15): `bridge` with isGateway, whose first
+# pod got the bridge's own address when the IPAM result carried no gateway.
+BRIDGE_CONFLIST = {"cniVersion": "1.0.0", "name": "weave-ipam", "plugins": [
+    {"type": "bridge", "bridge": "weave-ipam0", "isGateway": True, "ipMasq": False,
+     "hairpinMode": True, "ipam": {"type": "weave-ipam"}},
+    {"type": "portmap", "capabilities": {"portMappings": True}}]}
+
+
+@pytest.mark.parametrize("conflist", ["shipped", "bridge"])
+def test_pods_through_a_real_runtime(daemons: list[Node], runtime: Containerd,
+                                     conflist: str) -> None:
+    """The shipped conflist (routed: `ptp`) and the `bridge` one: the host side's address
+    is the node's gateway, never a pod's; pods reach each other and the gateway."""
     d1, d2 = daemons
     rt = runtime
-    shipped = CONFLIST.read_text()
-    bridge = json.loads(shipped)["plugins"][0]["bridge"]
+    text = CONFLIST.read_text() if conflist == "shipped" else json.dumps(BRIDGE_CONFLIST)
+    kind = json.loads(text)["plugins"][0]["type"]
     shim = shim_binary()
-    n1 = rt.node("n1", d1.socket, shipped, shim)
-    n2 = rt.node("n2", d2.socket, shipped, shim)
+    n1 = rt.node("n1", d1.socket, text, shim)
+    n2 = rt.node("n2", d2.socket, text, shim)
 
     # two pods running side by side on node 1
     pa, addr_a = running_pod(n1, "pod-a")
     pb, addr_b = running_pod(n1, "pod-b")
-    (gw,) = n1.link_addrs(bridge)
+    (gw,) = n1.host_addrs()
     assert addr_a != addr_b and host(gw) not in (host(addr_a), host(addr_b))
+    assert gw.endswith("/32" if kind == "ptp" else "/24")  # ptp: on each veth; bridge: pods'
     for a in (addr_a, addr_b, gw):
-        assert a.endswith("/24") and ipaddress.ip_interface(a).ip in \
-            ipaddress.ip_network(RANGE)
-    # the bridge's address is this node's gateway: held by the daemon, in its own segment
+        assert ipaddress.ip_interface(a).ip in ipaddress.ip_network(RANGE)
+    assert addr_a.endswith("/24") and addr_b.endswith("/24")
+    # the host side's address is this node's gateway: held by the daemon, in its segment
     held = ls(d1)
     assert held["weave:expose"] == [host(gw)]
     assert owner_of(d1, host(gw)) == d1.name
     assert held[ident(rt, "pod-a")] == [host(addr_a)]
     assert held[ident(rt, "pod-b")] == [host(addr_b)]
+    if kind == "ptp":
+        r = n1.exec("pod-a", "ip", "-4", "route")
+        assert f"default via {host(gw)}" in r.stdout, describe(r)
+        assert f"{RANGE} via {host(gw)}" in r.stdout, describe(r)
 
     # nobody else answers for a pod's address; the check itself sees a real holder
     dad = n1.exec("pod-a", "arping", "-D", "-c", "2", "-w", "3", "-I", "eth0", host(addr_a))
     assert dad.returncode == 0, describe(dad)
-    for taken in (gw, addr_b):
+    for taken in [gw] + ([addr_b] if kind == "bridge" else []):  # ptp: b is behind the host
         dad = n1.exec("pod-a", "arping", "-D", "-c", "2", "-w", "3", "-I", "eth0",
                       host(taken))
         assert dad.returncode == 1, f"{taken}: {describe(dad)}"
@@ -125,38 +142,22 @@ def test_pods_through_the_shipped_conflist(daemons: list[Node], runtime: Contain
         assert r.returncode == 0, describe(r)
         later.append(r.stdout.split("inet ")[1].split()[0])
     assert len({host(a) for a in later} | {host(addr_a), host(addr_b), host(gw)}) == 5
-    assert (n1.link_addrs(bridge)) == [gw]
+    assert n1.host_addrs() <= {gw}  # ptp: the veths went with their pods
 
-    # node 2: its own bridge address, from its own segment
-    r = n2.run("pod-e", "sh", "-c", "ip -4 -o addr show dev eth0")
+    # node 2: its own gateway, from its own segment
+    r = n2.run("pod-e", "sh", "-c", "ip -4 -o addr show dev eth0; ip -4 route")
     assert r.returncode == 0, describe(r)
     addr_e = r.stdout.split("inet ")[1].split()[0]
-    (gw2,) = n2.link_addrs(bridge)
-    assert gw2 != gw and host(gw2) != host(addr_e)
-    assert owner_of(d2, host(gw2)) == d2.name and owner_of(d1, host(gw2)) == d2.name
-    assert d2.lookup("weave:expose") == [host(gw2)]
+    gw2 = d2.lookup("weave:expose")
+    assert len(gw2) == 1 and gw2[0] != host(gw) and gw2[0] != host(addr_e)
+    assert owner_of(d2, gw2[0]) == d2.name and owner_of(d1, gw2[0]) == d2.name
+    if kind == "ptp":  # the pod's routes point at node 2's gateway (its veth is gone now)
+        assert f"default via {gw2[0]}" in r.stdout, describe(r)
+    else:
+        assert n2.host_addrs() == {f"{gw2[0]}/24"}
     assert host(addr_e) not in {host(a) for a in [*later, addr_a, addr_b, gw]}
     wait_for(lambda: not [i for i in ls(d1) | ls(d2) if i.startswith("cni:")],
              timeout=20, what="every pod's address released")
-
-
-def test_ptp_gets_the_node_gateway(daemons: list[Node], runtime: Containerd) -> None:
-    """`ptp` puts the result's gateway (as /32) on every host-side veth and routes the pod's
-    subnet through it: the node's reserved gateway, never a pod's, and it answers."""
-    _, d2 = daemons
-    ptp = {"cniVersion": "1.0.0", "name": "weave-ipam",
-           "plugins": [{"type": "ptp", "ipam": {"type": "weave-ipam"}}]}
-    n = runtime.node("p2", d2.socket, json.dumps(ptp), shim_binary())
-    p, addr = running_pod(n, "pod-p")
-    gw = d2.lookup("weave:expose")
-    assert len(gw) == 1 and host(addr) != gw[0] and addr.endswith("/24")
-    routes = n.exec("pod-p", "ip", "-4", "route")
-    assert f"{RANGE} via {gw[0]}" in routes.stdout, describe(routes)
-    r = n.exec("pod-p", "ping", "-c", "1", "-W", "5", gw[0])
-    assert r.returncode == 0, describe(r)
-    n.kill("pod-p")
-    p.communicate(timeout=60)
-    assert ident(runtime, "pod-p") not in ls(d2)
 
 
 def test_cleanup_after_a_failure(daemons: list[Node]) -> None:
