@@ -14,7 +14,7 @@ run: install
 
 test: install shim
 	$(PY) -m ruff check weaveipam tests benchmarks
-	$(PY) -m mypy weaveipam/core weaveipam/sim weaveipam/cni
+	$(PY) -m mypy weaveipam/core weaveipam/sim weaveipam/cni weaveipam/routes.py
 	$(PY) -m pytest -q -p no:cacheprovider
 
 shim:

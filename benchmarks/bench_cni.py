@@ -9,10 +9,16 @@ same machine, and the shim's own cost over the daemon's handling.
    each, as the shim does): the shim's process cost is the difference.  Also the shim's
    VERSION (answered without the daemon) and /bin/true run the same way, the cost of
    starting any process.
+3. Through a real runtime: `ctr run --rm --cni` of a busybox /bin/true on a private
+   containerd, with the shipped conflist (bridge, isGateway, portmap) and weave-ipam, the
+   same conflist with host-local, and without --cni, interleaved.  The runtime's ADD+DEL
+   is the difference to the run without --cni; CPU counts ctr with its plugins and the
+   daemon (host-local works inside its plugin process, weave-ipam in the daemon).
 
-Needs root, `ip netns`, containernetworking-plugins and a C compiler (builds the shim).
+Needs root, `ip netns`, containernetworking-plugins and a C compiler (builds the shim);
+part 3 also containerd, runc and busybox-static (skipped, with the reason, without them).
 
-    python benchmarks/bench_cni.py [--iterations 200] [--direct 400]
+    python benchmarks/bench_cni.py [--iterations 200] [--direct 400] [--containerd 60]
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -31,8 +38,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from daemons import Cluster  # noqa: E402
+from bench_daemon import _cpu_seconds  # noqa: E402
+from daemons import Cluster, Node  # noqa: E402
+from test_cni_runtime import containerd, runtime_missing  # noqa: E402
 from test_cni_support import (  # noqa: E402
+    CONFLIST,
     HOST_LOCAL,
     BridgeNet,
     host_scratch,
@@ -45,6 +55,7 @@ from test_cni_support import (  # noqa: E402
 T = TypeVar("T")
 RANGE = "198.18.16.0/20"          # weave-ipam's range
 HOST_LOCAL_SUBNET = "198.18.32.0/20"
+CTR_HOST_LOCAL_SUBNET = "198.18.48.0/20"
 
 
 def ms(xs: list[float]) -> dict[str, float]:
@@ -145,11 +156,55 @@ def bench_direct(sock: Path, shim: Path, n: int, data_dir: Path) -> dict[str, An
     return out
 
 
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def bench_containerd(node: Node, shim: Path, n: int, data_dir: Path) -> dict[str, Any]:
+    """ctr run --rm of /bin/true: weave-ipam, host-local (shipped conflist otherwise), and
+    no CNI, interleaved; wall ms and CPU ms (ctr + plugins + the daemon) per run."""
+    shipped = CONFLIST.read_text()
+    hl = json.loads(shipped)
+    hl["plugins"][0]["ipam"] = {"type": "host-local", "dataDir": str(data_dir),
+                                "ranges": [[{"subnet": CTR_HOST_LOCAL_SUBNET}]]}
+    wall: dict[str, list[float]] = {"weave-ipam": [], "host-local": [], "no CNI": []}
+    cpu: dict[str, list[float]] = {k: [] for k in wall}
+    with containerd() as rt:
+        nodes = {"weave-ipam": rt.node("bw", node.socket, shipped, shim),
+                 "host-local": rt.node("bh", node.socket, json.dumps(hl), shim)}
+        nodes["no CNI"] = nodes["weave-ipam"]
+        for i in range(n + 5):
+            for k, rn in nodes.items():
+                c0, d0 = _children_cpu(), _cpu_seconds(node.pid)
+                t, r = timed(rn.run, f"b{i}{k[0]}", "/bin/true", cni=k != "no CNI")
+                c1, d1 = _children_cpu(), _cpu_seconds(node.pid)
+                assert r.returncode == 0, f"{k}: {r.stderr}"
+                if i >= 5:  # warm-up excluded
+                    wall[k].append(t)
+                    cpu[k].append(c1 - c0 + d1 - d0)
+    out: dict[str, Any] = {"wall": {k: ms(v) for k, v in wall.items()},
+                           "cpu": {k: ms(v) for k, v in cpu.items()}}
+    base_wall, base_cpu = out["wall"]["no CNI"]["mean"], out["cpu"]["no CNI"]["mean"]
+    for k in ("weave-ipam", "host-local"):
+        out[k] = {"add_del_wall_mean": out["wall"][k]["mean"] - base_wall,
+                  "add_del_cpu_mean": out["cpu"][k]["mean"] - base_cpu}
+    out["ratio_wall"] = out["wall"]["weave-ipam"]["mean"] / out["wall"]["host-local"]["mean"]
+    out["ratio_add_del_wall"] = (out["weave-ipam"]["add_del_wall_mean"]
+                                 / out["host-local"]["add_del_wall_mean"])
+    out["ratio_add_del_cpu"] = (out["weave-ipam"]["add_del_cpu_mean"]
+                                / out["host-local"]["add_del_cpu_mean"])
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--iterations", type=int, default=200, help="ADD+DEL pairs through bridge")
-    ap.add_argument("--direct", type=int, default=400, help="pairs without bridge")
+    ap.add_argument("--iterations", type=int, default=200,
+                    help="ADD+DEL pairs through bridge (0: skip)")
+    ap.add_argument("--direct", type=int, default=400, help="pairs without bridge (0: skip)")
+    ap.add_argument("--containerd", type=int, default=60,
+                    help="ctr runs per variant through a private containerd (0: skip)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
     why = netns_unavailable()
@@ -164,29 +219,52 @@ def main() -> int:
         (node,) = c.add(1, range_=RANGE, init="consensus=1", connect=False)
         print(f"machine: {os.cpu_count()} CPUs; daemon range {RANGE}; host-local "
               f"{HOST_LOCAL_SUBNET} in {root}")
-        br = bench_bridge(node.socket, args.iterations, root / "hl-bridge")
-        print(f"\n1. bridge ADD+DEL, {args.iterations} each, interleaved (ms)")
-        print(f"{'':12} {'pair mean':>10} {'pair p50':>9} {'pair p90':>9} {'ADD p50':>8} "
-              f"{'DEL p50':>8}")
-        for k in ("weave-ipam", "host-local"):
-            d = br[k]
-            print(f"{k:12} {d['pair']['mean']:10.2f} {d['pair']['p50']:9.2f} "
-                  f"{d['pair']['p90']:9.2f} {d['add']['p50']:8.2f} {d['del']['p50']:8.2f}")
-        print(f"ratio weave-ipam/host-local: {br['ratio_mean']:.2f} (mean), "
-              f"{br['ratio_p50']:.2f} (p50)")
-        di = bench_direct(node.socket, shim, args.direct, root / "hl-direct")
-        print(f"\n2. the IPAM alone, {args.direct} ADD+DEL pairs (ms, p50 / mean)")
-        for k, label in (("shim", "weave-ipam shim ADD+DEL"),
-                         ("socket", "same over the socket, no process"),
-                         ("host-local", "host-local ADD+DEL"),
-                         ("version", "shim VERSION (no daemon)"),
-                         ("true", "/bin/true, same pipes (process start)")):
-            print(f"{label:40} {di[k]['p50']:7.2f} / {di[k]['mean']:7.2f}")
-        print(f"per call, shim minus a direct socket request: "
-              f"{di['shim_overhead_per_call_ms']:.2f} ms (p50); shim VERSION minus "
-              f"/bin/true: {di['version']['p50'] - di['true']['p50']:.2f} ms")
+        figures: dict[str, Any] = {}
+        if args.iterations:
+            br = bench_bridge(node.socket, args.iterations, root / "hl-bridge")
+            print(f"\n1. bridge ADD+DEL, {args.iterations} each, interleaved (ms)")
+            print(f"{'':12} {'pair mean':>10} {'pair p50':>9} {'pair p90':>9} {'ADD p50':>8} "
+                  f"{'DEL p50':>8}")
+            for k in ("weave-ipam", "host-local"):
+                d = br[k]
+                print(f"{k:12} {d['pair']['mean']:10.2f} {d['pair']['p50']:9.2f} "
+                      f"{d['pair']['p90']:9.2f} {d['add']['p50']:8.2f} {d['del']['p50']:8.2f}")
+            print(f"ratio weave-ipam/host-local: {br['ratio_mean']:.2f} (mean), "
+                  f"{br['ratio_p50']:.2f} (p50)")
+            figures["bridge"] = br
+        if args.direct:
+            di = bench_direct(node.socket, shim, args.direct, root / "hl-direct")
+            print(f"\n2. the IPAM alone, {args.direct} ADD+DEL pairs (ms, p50 / mean)")
+            for k, label in (("shim", "weave-ipam shim ADD+DEL"),
+                             ("socket", "same over the socket, no process"),
+                             ("host-local", "host-local ADD+DEL"),
+                             ("version", "shim VERSION (no daemon)"),
+                             ("true", "/bin/true, same pipes (process start)")):
+                print(f"{label:40} {di[k]['p50']:7.2f} / {di[k]['mean']:7.2f}")
+            print(f"per call, shim minus a direct socket request: "
+                  f"{di['shim_overhead_per_call_ms']:.2f} ms (p50); shim VERSION minus "
+                  f"/bin/true: {di['version']['p50'] - di['true']['p50']:.2f} ms")
+            figures["direct"] = di
+        missing = runtime_missing()
+        if args.containerd and missing:
+            print(f"\n3. containerd: skipped, needs {'; '.join(missing)}")
+        elif args.containerd:
+            ct = bench_containerd(node, shim, args.containerd, root / "hl-ctr")
+            figures["containerd"] = ct
+            print(f"\n3. ctr run --rm of /bin/true, {args.containerd} each, interleaved "
+                  "(ms; CPU: ctr, plugins and the daemon)")
+            print(f"{'':12} {'wall p50':>9} {'wall mean':>10} {'CPU mean':>9} "
+                  f"{'ADD+DEL wall':>13} {'ADD+DEL CPU':>12}  (means)")
+            for k in ("weave-ipam", "host-local", "no CNI"):
+                w, c_ = ct["wall"][k], ct["cpu"][k]
+                extra = (f" {ct[k]['add_del_wall_mean']:13.2f} {ct[k]['add_del_cpu_mean']:12.2f}"
+                         if k in ct else "")
+                print(f"{k:12} {w['p50']:9.2f} {w['mean']:10.2f} {c_['mean']:9.2f}{extra}")
+            print(f"ratio weave-ipam/host-local: whole run {ct['ratio_wall']:.2f} (wall mean); "
+                  f"ADD+DEL (minus the run without CNI) {ct['ratio_add_del_wall']:.2f} "
+                  f"(wall mean), {ct['ratio_add_del_cpu']:.2f} (CPU mean)")
         if args.json:
-            args.json.write_text(json.dumps({"bridge": br, "direct": di}, indent=2))
+            args.json.write_text(json.dumps(figures, indent=2))
     finally:
         c.close()
         shutil.rmtree(root, ignore_errors=True)

@@ -59,7 +59,7 @@ for f in "$CNI_NET_DIR"/*.conf "$CNI_NET_DIR"/*.conflist "$CNI_NET_DIR"/*.json; 
 done
 
 # The conflist chains the reference plugins; they come with the node's CNI plugins package.
-for plugin in bridge portmap; do
+for plugin in ptp portmap; do
     [ -x "$CNI_BIN_DIR/$plugin" ] || log "warning: $CNI_BIN_DIR/$plugin is missing;" \
         "install the CNI reference plugins on this node"
 done

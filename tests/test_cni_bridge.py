@@ -12,6 +12,8 @@ import ipaddress
 import json
 import secrets
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +24,8 @@ from capability import missing
 from daemons import Cluster, Node, temp_cluster
 from test_cni_support import (
     BRIDGE,
+    CONFLIST,
+    REPO,
     BridgeNet,
     CniRun,
     HostScratch,
@@ -33,6 +37,8 @@ from test_cni_support import (
     shim,  # noqa: F401
     shim_binary,
 )
+
+from weaveipam.cni.config import plugin_wants_gateway
 
 __all__ = ["shim"]
 
@@ -208,6 +214,71 @@ def test_two_daemons_give_different_addresses(scratch: HostScratch) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def shipped_plugin(name: str = "weave-ipam") -> dict[str, Any]:
+    """The first plugin of the shipped conflist as a runtime hands it to IPAM."""
+    conflist = json.loads(CONFLIST.read_text())
+    return {"cniVersion": conflist["cniVersion"], "name": conflist["name"],
+            **conflist["plugins"][0]}
+
+
+def owner_of(n: Node, addr: str) -> str:
+    """The peer whose ring segment holds addr, from the node's /report."""
+    a = int(ipaddress.ip_address(addr))
+    for e in n.report()["entries"]:
+        start = int(ipaddress.ip_address(e["token"]))
+        if start <= a < start + e["size"]:
+            return str(e["peer"])
+    raise AssertionError(f"{addr} is in no ring entry")
+
+
+def test_every_node_has_its_own_gateway_in_its_own_segment(shim: Path) -> None:
+    """The shipped conflist's plugin (it puts a gateway on the host side) on a 3-node ring:
+    each node's gateway lies in that node's segment, they differ, no pod gets one, and a
+    restart keeps it."""
+    conf = shipped_plugin()
+    assert plugin_wants_gateway(conf)
+    with temp_cluster("wcg-") as c:
+        nodes = c.add(3, range_="198.18.8.0/22", init="consensus=3")
+        gws, pods = [], []
+        for n in nodes:
+            for _ in range(2):
+                res = ok(run_plugin(shim, "ADD", conf, container_id=cid(), netns="/x",
+                                    ifname="eth0", socket=n.socket))
+                (ipc,) = res["ips"]
+                assert ipc["address"].endswith("/22")
+                pods.append(ipc["address"].split("/")[0])
+            gws.append(ipc["gateway"])
+            assert n.lookup("weave:expose") == [ipc["gateway"]]
+            assert owner_of(n, ipc["gateway"]) == n.name
+        assert len(set(gws)) == 3 and not set(gws) & set(pods)
+        assert len(set(pods)) == 6
+
+        n = nodes[1]
+        assert n.stop() == 0
+        n.start()
+        res = ok(run_plugin(shim, "ADD", conf, container_id=cid(), netns="/x", ifname="eth0",
+                            socket=n.socket))
+        assert res["ips"][0]["gateway"] == gws[1]
+
+
+def test_api_cannot_touch_the_gateway(node: Node, shim: Path) -> None:
+    res = ok(run_plugin(shim, "ADD", shipped_plugin(), container_id=cid(), netns="/x",
+                        ifname="eth0", socket=node.socket))
+    gw = res["ips"][0]["gateway"]
+    for method, path in (("DELETE", "/ip/weave:expose"), ("DELETE", f"/ip/weave:expose/{gw}"),
+                         ("POST", "/ip/weave:expose"), ("PUT", "/ip/weave:gateway/198.18.0.9/24"),
+                         ("POST", "/ip/weave:mine/198.18.0.0/24")):
+        code, body = node.api(method, path)
+        assert code == 400 and "reserved" in body, (method, path, code, body)
+    assert node.lookup("weave:expose") == [gw]  # reading is fine
+    assert owned(node)["weave:expose"] == [gw]
+    r = subprocess.run([sys.executable, "-m", "weaveipam", "release", "weave:expose",
+                        "--socket", str(node.socket)], capture_output=True, text=True,
+                       timeout=60, cwd=REPO)
+    assert r.returncode == 1 and "reserved" in r.stderr + r.stdout, r
+    assert node.lookup("weave:expose") == [gw]
+
+
 # ---- the daemon away ----------------------------------------------------------------------------
 
 def test_daemon_down_try_again_and_no_leak(scratch: HostScratch) -> None:
@@ -297,7 +368,7 @@ def test_subnet_gateway_routes_dns_and_static(node: Node, scratch: HostScratch,
     assert res["ips"][0]["gateway"] == "198.18.0.129"
     assert ns.addrs() == [addr]
     # the gateway was the subnet's next free address: it is now reserved, never a pod's
-    assert owned(node).get("cni-gateway:testnet") == ["198.18.0.129"]
+    assert owned(node).get("weave:gateway") == ["198.18.0.129"]
     # bridge puts its own dns in its result: see ours straight from the shim
     direct = ok(run_plugin(shim, "ADD", {"cniVersion": "1.0.0", "name": "testnet",
                                          "ipam": ipam}, container_id=c, netns=ns.path,

@@ -322,7 +322,8 @@ def test_pod_note() -> None:
 @pytest.mark.parametrize("version", ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
 def test_add_result_shapes(version: str) -> None:
     c = conf(version=version, ipam={"gateway": "198.18.0.1", "routes": [{"dst": "0.0.0.0/0"}]})
-    r = add_result(c, [(a4("198.18.0.5"), 24)], 32)
+    assert c.wants_gateway
+    r = add_result(c, [(a4("198.18.0.5"), 24)], 32, c.gateway)
     ipc: dict[str, Any] = {"address": "198.18.0.5/24", "gateway": "198.18.0.1"}
     if version < "1.0.0":
         ipc = {"version": "4", **ipc}

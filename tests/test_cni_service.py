@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import random
 import time
@@ -12,7 +13,7 @@ import pytest
 from weaveipam.cni.config import HEADERS
 from weaveipam.cni.service import CniService
 from weaveipam.core.addr import CIDR
-from weaveipam.core.allocator import Allocator, InitMode, Reply, Request
+from weaveipam.core.allocator import Allocate, Allocator, InitMode, Reply, Request
 from weaveipam.daemon import ApiError
 
 
@@ -141,7 +142,96 @@ async def test_gateway_is_never_a_pods(d: FakeDaemon, run: Runner) -> None:
     rc, res = await run("ADD", net(gateway="198.18.0.1"))
     assert rc == 0
     assert res["ips"] == [{"address": "198.18.0.2/24", "gateway": "198.18.0.1"}]
-    assert d.held()["cni-gateway:testnet"] == ["198.18.0.1"]
+    assert d.held()["weave:gateway"] == ["198.18.0.1"]
+
+
+async def test_explicit_gateway_held_by_a_pod_is_refused(d: FakeDaemon, run: Runner) -> None:
+    """A gateway added to the config after a pod got that address: say so, change nothing."""
+    pod = (await run("ADD", net()))[1]["ips"][0]["address"].split("/")[0]
+    before = d.held()
+    rc, err = await run("ADD", net(gateway=pod), cid="c2")
+    assert rc == 1 and err["code"] == 101
+    assert pod in err["msg"] and "cni:testnet:c1:eth0" in err["msg"]
+    assert "another ipam.gateway" in err["details"]
+    assert d.held() == before
+
+
+def gw_net(kind: str = "bridge", **plugin: Any) -> dict[str, Any]:
+    return {**net(), "type": kind, **plugin}
+
+
+@pytest.mark.parametrize("plugin", [gw_net(isGateway=True), gw_net(isDefaultGateway=True),
+                                    gw_net("ptp")], ids=["isGateway", "isDefaultGateway", "ptp"])
+async def test_node_gateway_when_the_plugin_wants_one(d: FakeDaemon, run: Runner,
+                                                      plugin: dict[str, Any]) -> None:
+    """One address per node, held under the reserved ident, in every result, never a
+    pod's; a repeated ADD, another pod or another network name get the same one."""
+    rc, res = await run("ADD", plugin)
+    assert rc == 0, res
+    (ipc,) = res["ips"]
+    gw = ipc["gateway"]
+    assert d.held()["weave:expose"] == [gw]
+    assert ipc["address"] != f"{gw}/24" and ipc["address"].endswith("/24")
+    assert (await run("ADD", plugin))[1] == res
+    other = (await run("ADD", {**plugin, "name": "other"}, cid="c2"))[1]["ips"][0]
+    assert other["gateway"] == gw and other["address"] not in (ipc["address"], f"{gw}/24")
+    # DEL and GC of pods leave the gateway alone
+    assert (await run("DEL", plugin))[0] == 0
+    assert (await run("GC", {**plugin, "cniVersion": "1.1.0",
+                             "cni.dev/valid-attachments": []}))[0] == 0
+    assert d.held() == {"weave:expose": [gw], "cni:other:c2:eth0":
+                        [other["address"].split("/")[0]]}
+
+
+async def test_no_gateway_when_the_plugin_does_not_want_one(d: FakeDaemon, run: Runner
+                                                            ) -> None:
+    for plugin in (gw_net(isGateway=False), gw_net("macvlan"), gw_net("ipvlan")):
+        rc, res = await run("ADD", plugin)
+        assert rc == 0 and "gateway" not in res["ips"][0]
+    assert "weave:expose" not in d.held()
+
+
+async def test_node_gateway_per_subnet() -> None:
+    d = FakeDaemon("198.18.0.0/16", default_subnet="198.18.4.0/24")
+    run = Runner(d)
+    dflt = (await run("ADD", gw_net(isGateway=True)))[1]["ips"][0]
+    same = (await run("ADD", gw_net(isGateway=True, ipam={"type": "weave-ipam",
+                                                          "subnet": "198.18.4.0/24"}),
+                      cid="c2"))[1]["ips"][0]
+    sub = (await run("ADD", gw_net(isGateway=True, ipam={"type": "weave-ipam",
+                                                         "subnet": "198.18.8.0/22"}),
+                     cid="c3"))[1]["ips"][0]
+    assert dflt["gateway"] == same["gateway"]  # the default subnet named explicitly
+    assert dflt["gateway"].startswith("198.18.4.") and sub["gateway"].startswith("198.18.")
+    assert ipaddress.ip_address(sub["gateway"]) in ipaddress.ip_network("198.18.8.0/22")
+    assert sub["address"].endswith("/22")
+    held = d.held()
+    assert held["weave:expose"] == [dflt["gateway"]]
+    assert held["weave:expose:198.18.8.0/22"] == [sub["gateway"]]
+
+
+async def test_a_refused_add_leaves_no_gateway_and_no_address() -> None:
+    """No room for the gateway: the pod's address is given back (11, retry later); a static
+    conflict on a node without a gateway yet does not make one."""
+    d = FakeDaemon("198.18.0.0/30")  # two usable addresses
+    run = Runner(d)
+    await d.call(Allocate("someone", None))
+    before = d.held()
+    rc, err = await run("ADD", gw_net(isGateway=True))
+    assert rc == 1 and err["code"] == 11 and "gateway" in err["msg"], err
+    assert d.held() == before
+    taken = before["someone"][0]
+    rc, err = await run("ADD", gw_net(isGateway=True), args=f"IP={taken}")
+    assert rc == 1 and err["code"] == 101
+    assert d.held() == before
+
+
+async def test_static_address_cannot_take_the_gateway(d: FakeDaemon, run: Runner) -> None:
+    gw = (await run("ADD", gw_net(isGateway=True)))[1]["ips"][0]["gateway"]
+    before = d.held()
+    rc, err = await run("ADD", gw_net(isGateway=True), cid="c2", args=f"IP={gw}")
+    assert rc == 1 and err["code"] == 101 and "weave:expose" in err["msg"]
+    assert d.held() == before
 
 
 async def test_static_claims_all_or_nothing(d: FakeDaemon, run: Runner) -> None:
@@ -223,7 +313,7 @@ async def test_gc(d: FakeDaemon, run: Runner) -> None:
     assert await run("GC", {**net("1.1.0", "gcnet"), "cni.dev/valid-attachments": keep},
                      cid=None, ifname=None, netns=None) == (0, None)
     # the reserved gateway is not an attachment: GC leaves it
-    assert sorted(d.held()) == ["cni-gateway:gcnet", "cni:gcnet2:b:eth0", "cni:gcnet:a:eth0"]
+    assert sorted(d.held()) == ["cni:gcnet2:b:eth0", "cni:gcnet:a:eth0", "weave:gateway"]
 
 
 async def test_bad_input_changes_nothing(d: FakeDaemon, run: Runner) -> None:

@@ -26,6 +26,7 @@ SHIM = SHIM_DIR / "weave-ipam"
 REF = Path("/usr/lib/cni")
 BRIDGE = REF / "bridge"
 HOST_LOCAL = REF / "host-local"
+CONFLIST = REPO / "docker" / "10-weave-ipam.conflist"   # as shipped
 
 
 def shim_binary() -> Path:
@@ -81,8 +82,10 @@ def run_plugin(binary: Path, command: str | None, stdin: bytes | str | dict[str,
                container_id: str | None = None, netns: str | None = None,
                ifname: str | None = None, args: str | None = None,
                cni_path: str | None = None, socket: Path | str | None = None,
-               extra_env: dict[str, str] | None = None, timeout: float = 90.0) -> CniRun:
-    """Execute a plugin as a runtime does: CNI_* in a clean environment, config on stdin."""
+               extra_env: dict[str, str] | None = None, timeout: float = 90.0,
+               in_netns: str | None = None) -> CniRun:
+    """Execute a plugin as a runtime does: CNI_* in a clean environment, config on stdin;
+    `in_netns`: as a runtime on the node that namespace stands for."""
     env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}
     for k, v in (("CNI_COMMAND", command), ("CNI_CONTAINERID", container_id),
                  ("CNI_NETNS", netns), ("CNI_IFNAME", ifname), ("CNI_ARGS", args),
@@ -93,8 +96,9 @@ def run_plugin(binary: Path, command: str | None, stdin: bytes | str | dict[str,
     env.update(extra_env or {})
     data = (json.dumps(stdin).encode() if isinstance(stdin, dict)
             else stdin.encode() if isinstance(stdin, str) else stdin)
-    r = subprocess.run([str(binary)], input=data, env=env, capture_output=True,
-                       timeout=timeout)
+    argv = [str(binary)] if in_netns is None else ["ip", "netns", "exec", in_netns,
+                                                    str(binary)]
+    r = subprocess.run(argv, input=data, env=env, capture_output=True, timeout=timeout)
     return CniRun(r.returncode, r.stdout.decode(errors="replace"),
                   r.stderr.decode(errors="replace"))
 

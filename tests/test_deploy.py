@@ -254,7 +254,9 @@ def test_resources_and_security() -> None:
     for c in pod["containers"] + pod["initContainers"]:
         sc = c["securityContext"]
         assert sc["capabilities"]["drop"] == ["ALL"], c["name"]
-        assert "add" not in sc["capabilities"], c["name"]
+        # the daemon keeps the node's pod routes (--pod-routes): NET_ADMIN, nothing else
+        assert sc["capabilities"].get("add", []) == (
+            ["NET_ADMIN"] if c["name"] == daemon["name"] else []), c["name"]
         assert sc["readOnlyRootFilesystem"] is True, c["name"]
         assert sc["allowPrivilegeEscalation"] is False, c["name"]
         assert not sc.get("privileged", False), c["name"]
@@ -313,13 +315,12 @@ def test_conflist() -> None:
     conf = json.loads(CONFLIST.read_text())
     assert conf["cniVersion"] == "1.0.0"
     assert conf["name"]
-    bridge, portmap = conf["plugins"]
-    assert bridge["type"] == "bridge"
-    assert bridge["bridge"] == "weave-ipam0"
-    assert bridge["isGateway"] is True
-    assert bridge["ipMasq"] is False
-    assert bridge["hairpinMode"] is True
-    assert bridge["ipam"] == {"type": "weave-ipam"}
+    ptp, portmap = conf["plugins"]
+    assert ptp["type"] == "ptp"  # routed pods: the daemon runs with --pod-routes
+    assert ptp["ipMasq"] is False
+    assert ptp["ipam"] == {"type": "weave-ipam", "routes": [{"dst": "0.0.0.0/0"}]}
+    env = {e["name"]: e.get("value") for e in _daemon()["env"]}
+    assert env["WEAVEIPAM_POD_ROUTES"] == "true"
     assert portmap["type"] == "portmap"
     assert portmap["capabilities"] == {"portMappings": True}
 
@@ -411,7 +412,7 @@ def test_install_script_installs_and_is_idempotent(tmp_path: Path, image_dir: Pa
     # a rename (a new inode: a runtime running the old one is undisturbed), the conflist kept.
     (image_dir / "weave-ipam").write_text("#!/bin/sh\necho shim v2\n")
     edited = json.loads(conf.read_text())
-    edited["plugins"][0]["bridge"] = "cni-custom0"
+    edited["plugins"][0]["mtu"] = 1400
     conf.write_text(json.dumps(edited))
     old_inode = shim.stat().st_ino
     r = _run_install(host, image_dir)
@@ -419,7 +420,7 @@ def test_install_script_installs_and_is_idempotent(tmp_path: Path, image_dir: Pa
     assert "kept" in r.stderr
     assert shim.read_text().endswith("shim v2\n")
     assert shim.stat().st_ino != old_inode
-    assert json.loads(conf.read_text())["plugins"][0]["bridge"] == "cni-custom0"
+    assert json.loads(conf.read_text())["plugins"][0]["mtu"] == 1400
 
     # Third run changes nothing and leaves no temporary file behind.
     r = _run_install(host, image_dir)

@@ -16,6 +16,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .cni import add_cni_routes
+from .cni.config import reserved_ident
 from .core.addr import CIDR, AddrError, fmt, parse_addr
 from .core.allocator import Allocate, Claim, Leave, Lookup, Prime, Release, RmPeer
 from .daemon import ApiError
@@ -61,6 +62,14 @@ def _bad(msg: str) -> ApiError:
     return ApiError("bad-request", msg)
 
 
+def _writable(ident: str) -> str:
+    """Refuse the idents the daemon keeps for itself (the CNI gateways)."""
+    why = reserved_ident(ident)
+    if why:
+        raise _bad(why)
+    return ident
+
+
 class Api:
     def __init__(self, d: Daemon) -> None:
         self.d = d
@@ -101,7 +110,7 @@ class Api:
     # ---- handlers --------------------------------------------------------------------------
 
     async def _allocate(self, req: web.Request, subnet: CIDR | None) -> web.Response:
-        ident = req.match_info["id"]
+        ident = _writable(req.match_info["id"])
         t0 = time.perf_counter()
         try:
             a = await self.d.call(Allocate(ident, subnet, req.query.get("note", "")))
@@ -122,7 +131,7 @@ class Api:
                                                       req.match_info["prefixlen"]))
 
     async def claim(self, req: web.Request) -> web.Response:
-        ident = req.match_info["id"]
+        ident = _writable(req.match_info["id"])
         subnet = self._subnet(req.match_info["ip"], req.match_info["prefixlen"])
         a = self._addr(req.match_info["ip"])
         t0 = time.perf_counter()
@@ -150,7 +159,7 @@ class Api:
         return web.json_response({"owned": owned})
 
     async def release(self, req: web.Request) -> web.Response:
-        ident = req.match_info["id"]
+        ident = _writable(req.match_info["id"])
         ip = req.match_info.get("ip")
         addr = self._addr(ip) if ip is not None else None
         t0 = time.perf_counter()

@@ -334,7 +334,11 @@ def cmd_daemon(args: argparse.Namespace) -> int:
                  peers=peers, host=args.host, port=args.port, conn_limit=args.conn_limit,
                  name=args.name or None, socket=Path(args.socket) if args.socket else None,
                  http_addr=http_addr, status_addr=status_addr, op_timeout=args.op_timeout,
+<<<<<<< HEAD
                  password=password, second_password=second_password)
+=======
+                 password=password, pod_routes=args.pod_routes)
+>>>>>>> cni-gateway
     if args.nickname:
         cfg.nickname = args.nickname
     daemon = Daemon(cfg)
@@ -493,6 +497,11 @@ def _daemon_parser(sub: Any) -> None:
                    "reaches the peer port can then join the mesh (WEAVEIPAM_INSECURE_PEERS=1)")
     p.add_argument("--op-timeout", type=float, default=30.0,
                    help="seconds an allocation may wait for consensus or space")
+    p.add_argument("--pod-routes", action="store_true",
+                   default=_env("WEAVEIPAM_POD_ROUTES", "") in ("1", "true", "yes"),
+                   help="route every range another peer owns via that peer's node address "
+                   "(for the routed `ptp` conflist; needs CAP_NET_ADMIN; "
+                   "WEAVEIPAM_POD_ROUTES=true)")
     p.add_argument("--log-level", default=_env("WEAVEIPAM_LOG_LEVEL", "info"))
     p.set_defaults(func=cmd_daemon)
 

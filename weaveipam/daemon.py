@@ -87,6 +87,7 @@ class Config:
     heartbeat: float = 1.0
     dead_timeout: float = 5.0
     max_frame: int = 8 << 20
+    pod_routes: bool = False  # route other peers' ranges via their node (routes.py)
     # --password: peers authenticate and encrypt; kept out of repr (never logged)
     password: bytes | None = field(default=None, repr=False)
     # while rotating: also accepted from peers that dial us (never used to dial)
@@ -290,6 +291,9 @@ class Daemon:
                 log.warning("ignoring peer %s:%d: %s", host, port, e)
         await self._start_servers()
         self._tasks.append(asyncio.create_task(self._ticker(), name="weaveipam-tick"))
+        if cfg.pod_routes:
+            from .routes import keep_routes
+            self._tasks.append(asyncio.create_task(keep_routes(self), name="weaveipam-routes"))
 
         log.info("weaveipam %s(%s) started: range %s, init %s, peer port %d, %d peer(s) "
                  "given, peer encryption %s, API on %s%s, status on %s, state %s",

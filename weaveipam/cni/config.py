@@ -51,6 +51,11 @@ MAX_NOTE = 320          # namespace (63) / pod name (253)
 MAX_STATIC = 16
 IDENT_PREFIX = "cni:"
 MAX_IDENT = 256
+# Idents the daemon keeps for itself: no API or CNI caller may allocate, claim or release
+# under them (CNI idents all start with IDENT_PREFIX; the API refuses these).
+RESERVED_PREFIX = "weave:"
+NODE_GATEWAY_IDENT = "weave:expose"     # this node's gateway (Weave's `weave expose` ident)
+FIXED_GATEWAY_IDENT = "weave:gateway"   # explicit `ipam.gateway` addresses, held here
 
 
 class CniError(Exception):
@@ -201,6 +206,7 @@ class NetConf:
     static: tuple[int, ...] = ()        # addresses to claim instead of allocating
     prev_ips: tuple[int, ...] | None = None       # CHECK: prevResult's addresses
     attachments: frozenset[tuple[str, str]] | None = None  # GC: (containerID, ifname)
+    wants_gateway: bool = False         # the plugin puts a gateway on the host side
 
 
 IPAM_KEYS = {"type", "subnet", "gateway", "routes", "dns"}
@@ -390,7 +396,34 @@ def parse_config(obj: dict[str, Any], version: str, env: Env, universe: CIDR,
         if a == gateway:
             raise _bad(f"static address {fmt(a, universe.bits)} is the gateway")
     return NetConf(version, name, subnet, gateway,
-                   tuple(_check_route(r, version) for r in routes), dns, tuple(static))
+                   tuple(_check_route(r, version) for r in routes), dns, tuple(static),
+                   wants_gateway=gateway is not None or plugin_wants_gateway(obj))
+
+
+def plugin_wants_gateway(obj: Mapping[str, Any]) -> bool:
+    """The calling plugin configures a gateway address on the host from the result: the
+    reference `bridge` with isGateway (or isDefaultGateway, which implies it) puts it on the
+    bridge, taking the subnet's first address when the result has none; `ptp` always puts
+    it on each host-side veth."""
+    kind = obj.get("type")
+    if kind == "ptp":
+        return True
+    return kind == "bridge" and (obj.get("isGateway") is True
+                                 or obj.get("isDefaultGateway") is True)
+
+
+def reserved_ident(ident: str) -> str | None:
+    """Why an API caller may not change allocations under `ident`, or None."""
+    if not ident.startswith(RESERVED_PREFIX):
+        return None
+    return (f"identifier {ident[:80]!r} is reserved: the daemon holds its CNI gateways under "
+            f"'{NODE_GATEWAY_IDENT}' and '{FIXED_GATEWAY_IDENT}' (see `weaveipam ls`); "
+            f"choose an identifier not starting with '{RESERVED_PREFIX}'")
+
+
+def node_gateway_ident(subnet: CIDR | None) -> str:
+    """One gateway per node per subnet: the default subnet's under the plain ident."""
+    return NODE_GATEWAY_IDENT if subnet is None else f"{NODE_GATEWAY_IDENT}:{subnet}"
 
 
 def subnet_of(a: int, subnet: CIDR | None, universe: CIDR, default_subnet: CIDR) -> CIDR:
@@ -442,8 +475,12 @@ def version_result(stdin: bytes) -> dict[str, Any]:
     return {"cniVersion": peek_version(stdin), "supportedVersions": list(SUPPORTED_VERSIONS)}
 
 
-def add_result(conf: NetConf, addrs: list[tuple[int, int]], bits: int) -> dict[str, Any]:
-    """The IPAM result in the caller's version: `version` on ips before 1.0.0."""
+def add_result(conf: NetConf, addrs: list[tuple[int, int]], bits: int,
+               gateway: int | None = None) -> dict[str, Any]:
+    """The IPAM result in the caller's version: `version` on ips before 1.0.0.  Every
+    address carries the same gateway: `bridge` puts gateway/prefix-of-the-address on the
+    bridge (and refuses a second IPv4 address there), `ptp` puts gateway/32 on each host
+    veth and routes the address's subnet via it."""
     old = not version_at_least(conf.version, "1.0.0")
     ips: list[dict[str, Any]] = []
     for a, prefix in addrs:
@@ -451,8 +488,8 @@ def add_result(conf: NetConf, addrs: list[tuple[int, int]], bits: int) -> dict[s
         if old:
             ipc["version"] = "4" if bits == 32 else "6"
         ipc["address"] = f"{fmt(a, bits)}/{prefix}"
-        if conf.gateway is not None:
-            ipc["gateway"] = fmt(conf.gateway, bits)
+        if gateway is not None:
+            ipc["gateway"] = fmt(gateway, bits)
         ips.append(ipc)
     out: dict[str, Any] = {"cniVersion": conf.version, "ips": ips}
     if conf.routes:

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from ..core.addr import Range, fmt
+from ..core.addr import CIDR, Range, fmt
 from ..core.allocator import Allocate, Allocator, Claim, Lookup, Prime, Release, Request
 from ..daemon import ApiError
 from .config import (
@@ -25,6 +25,7 @@ from .config import (
     E_NOT_AVAILABLE,
     E_TRY_AGAIN,
     E_UNKNOWN_CONTAINER,
+    FIXED_GATEWAY_IDENT,
     CniError,
     Env,
     NetConf,
@@ -33,6 +34,7 @@ from .config import (
     decode_config,
     ident_for,
     ident_prefix,
+    node_gateway_ident,
     parse_config,
     parse_env,
     peek_version,
@@ -43,8 +45,8 @@ from .config import (
 
 log = logging.getLogger("weaveipam.cni")
 
-GATEWAY_IDENT = "cni-gateway:"   # holds a gateway address the allocator handed out once
 MAX_GATEWAY_SWAPS = 3
+GATEWAY_NOTE = "gateway of this node"
 
 
 class DaemonLike(Protocol):
@@ -136,31 +138,82 @@ class CniService:
         ident = ident_for(conf.name, env.container_id, env.ifname)
         note = pod_note(env.args)
         what = f"ADD {conf.name}/{env.container_id[:12]}/{env.ifname}"
+        gateway: int | None = None
+        if conf.gateway is not None:
+            await self._reserve_fixed(conf.gateway, conf.name, what)
+            gateway = conf.gateway
+        elif conf.wants_gateway:
+            gateway = self._node_gateway_held(conf)
+        before = set(a.allocations().get(ident, {}))
         if conf.static:
             got = await self._claim_all(ident, conf.static, note, what)
         else:
             got = [await self._allocate(ident, conf, note, what)]
+        if conf.wants_gateway and gateway is None:
+            # after the pod's address, so a refused ADD has changed nothing
+            try:
+                gateway = await self._node_gateway(conf, what)
+            except CniError:
+                await self._undo(ident, [x for x in got if x not in before], what)
+                raise
         addrs = [(x, subnet_of(x, conf.subnet, a.universe, a.default_subnet).prefix)
                  for x in got]
         log.info("CNI %s: %s%s", what, ", ".join(f"{fmt(x, a.universe.bits)}/{p}"
                                                   for x, p in addrs),
                  f" ({note})" if note else "")
-        return add_result(conf, addrs, a.universe.bits)
+        return add_result(conf, addrs, a.universe.bits, gateway)
+
+    def _node_gateway_key(self, conf: NetConf) -> tuple[str, CIDR | None]:
+        """One gateway per node per subnet; the default subnet's under the plain ident."""
+        a = self.d.allocator
+        subnet = None if conf.subnet == a.default_subnet else conf.subnet
+        return node_gateway_ident(subnet), subnet
+
+    def _node_gateway_held(self, conf: NetConf) -> int | None:
+        """This node's gateway if it has one already (no allocator round trip per ADD)."""
+        a = self.d.allocator
+        gw_ident, subnet = self._node_gateway_key(conf)
+        window = (subnet or a.default_subnet).usable()
+        return next((x for x in a.allocations().get(gw_ident, {}) if x in window), None)
+
+    async def _node_gateway(self, conf: NetConf, what: str) -> int:
+        """The address every pod of this node (in this subnet) gets as its gateway: allocated
+        once from this node's own space under a reserved ident, so it is durable, the same
+        after a restart, never a pod's, and different on every node (all the nodes'
+        bridges are on one cluster range)."""
+        a = self.d.allocator
+        gw_ident, subnet = self._node_gateway_key(conf)
+        gw: int = await self._call(Allocate(gw_ident, subnet, GATEWAY_NOTE),
+                                   f"{what}: allocating this node's gateway")
+        log.info("CNI gateway of this node in %s: %s (held as %r)",
+                 subnet or a.default_subnet, fmt(gw, a.universe.bits), gw_ident)
+        return gw
+
+    async def _reserve_fixed(self, gw: int, network: str, what: str) -> None:
+        """Hold an explicit gateway if it lies in our space; one a pod already holds is a
+        conflict the operator must resolve (the bridge would take the pod's address)."""
+        a = self.d.allocator
+        if gw in a.allocations().get(FIXED_GATEWAY_IDENT, {}) or not a.space.owns(gw):
+            return  # held, or another peer's: _allocate never hands it out if it moves here
+        try:
+            await self.d.call(Claim(FIXED_GATEWAY_IDENT, gw, f"ipam.gateway of {network}"))
+        except ApiError as e:
+            if e.code == "conflict":
+                raise CniError(E_CONFLICT, f"{what}: ipam.gateway {fmt(gw, a.universe.bits)} "
+                               f"is already in use: {e.message}",
+                               "choose another ipam.gateway, or leave it out and the "
+                               "daemon gives each node its own") from None
+            raise _map(e, what) from None
 
     async def _allocate(self, ident: str, conf: NetConf, note: str, what: str) -> int:
         addr: int = await self._call(Allocate(ident, conf.subnet, note), what)
         for _ in range(MAX_GATEWAY_SWAPS):
             if addr != conf.gateway:
                 return addr
-            # the gateway is inside the range and nobody reserved it: reserve it now, under
-            # its own ident, so no pod ever gets it; then allocate again
+            # an explicit gateway handed out here (its range moved to us since the last
+            # ADD): reserve it under the gateways' ident, then allocate again
             await self._call(Release(ident, addr), what)
-            try:
-                await self.d.call(Claim(GATEWAY_IDENT + conf.name, addr,
-                                        f"gateway of {conf.name}"))
-            except ApiError as e:
-                log.warning("could not reserve gateway %s of %s: %s",
-                            fmt(addr, self.d.allocator.universe.bits), conf.name, e.message)
+            await self._reserve_fixed(addr, conf.name, what)
             addr = await self._call(Allocate(ident, conf.subnet, note), what)
         raise CniError(E_INTERNAL, f"{what}: the allocator keeps handing out the gateway "
                        f"{fmt(addr, self.d.allocator.universe.bits)}")
@@ -176,14 +229,18 @@ class CniService:
                 if x not in before:
                     taken.append(x)
         except CniError:
-            for x in taken:
-                try:
-                    await self.d.call(Release(ident, x))
-                except ApiError as e:
-                    log.error("%s: could not undo the claim of %s: %s", what,
-                              fmt(x, self.d.allocator.universe.bits), e.message)
+            await self._undo(ident, taken, what)
             raise
         return list(want)
+
+    async def _undo(self, ident: str, addrs: list[int], what: str) -> None:
+        """Give back what a refused ADD took."""
+        for x in addrs:
+            try:
+                await self.d.call(Release(ident, x))
+            except ApiError as e:
+                log.error("%s: could not give back %s: %s", what,
+                          fmt(x, self.d.allocator.universe.bits), e.message)
 
     async def delete(self, env: Env, conf: NetConf) -> None:
         """Free the key's addresses; nothing held is a success, an unreachable store not."""
