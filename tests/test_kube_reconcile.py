@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.kubefake import recordings
 from weaveipam.kube import harness
 from weaveipam.kube.reconcile import (
     ApiProblem,
@@ -23,7 +23,7 @@ from weaveipam.kube.reconcile import (
     WriteMap,
 )
 
-REC = Path(__file__).resolve().parent.parent.parent.parent / "shared" / "reference" / "kube-api"
+REC = recordings()
 ME, OTHER = "02:00:00:00:00:01", "02:00:00:00:00:02"
 
 

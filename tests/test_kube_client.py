@@ -1,0 +1,154 @@
+"""The lightkube side (weaveipam.kube.client) against the fake API server, in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.kubefake import FakeKube
+from weaveipam.kube.client import Driver, KubeError, make_client, settings
+from weaveipam.kube.reconcile import MapEntry
+
+ME = "02:00:00:00:00:01"
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeKube]:
+    f = FakeKube().start()
+    try:
+        yield f
+    finally:
+        f.close()
+
+
+async def until(pred: Callable[[], object], timeout: float = 20.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+class Harness:
+    def __init__(self, fake: FakeKube, tmp: Path, node: str = "node-a") -> None:
+        s = settings(no_kube=False, kubeconfig=str(fake.kubeconfig(tmp / "kubeconfig")),
+                     node_name=node, address_type=None)
+        assert s is not None
+        self.peers: frozenset[str] = frozenset()
+        self.rmpeers: list[str] = []
+        self.heir = ME
+        self.driver = Driver(s, make_client(s), peer_name=ME, set_peers=self._set,
+                             rmpeer=self._rmpeer, ring=lambda: (True, lambda _d: self.heir))
+
+    def _set(self, p: frozenset[str]) -> None:
+        self.peers = p
+
+    async def _rmpeer(self, peer: str) -> tuple[str, str]:
+        self.rmpeers.append(peer)
+        return "done", "4096 IPs taken over"
+
+
+def test_settings_need_a_node_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.delenv("NODE_NAME", raising=False)
+    assert settings(no_kube=False, kubeconfig=None, node_name=None, address_type=None) is None
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    assert settings(no_kube=True, kubeconfig=None, node_name=None, address_type=None) is None
+    with pytest.raises(KubeError, match="NODE_NAME"):
+        settings(no_kube=False, kubeconfig=None, node_name=None, address_type=None)
+    s = settings(no_kube=False, kubeconfig=None, node_name="n1", address_type="ExternalIP")
+    assert s is not None and s.address_types[0] == "ExternalIP" and s.kubeconfig is None
+
+
+def test_in_cluster_without_service_account_files_says_so(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    s = settings(no_kube=False, kubeconfig=None, node_name="n1", address_type=None)
+    assert s is not None
+    s.service_account = tmp_path / "nope"
+    with pytest.raises(KubeError, match="in-cluster"):
+        make_client(s)
+
+
+async def test_peers_map_and_reclaim_through_lightkube(fake: FakeKube, tmp_path: Path) -> None:
+    fake.add_node("node-a", "198.18.0.11")
+    fake.add_node("node-b", "198.18.0.12")
+    h = Harness(fake, tmp_path)
+    h.driver.start()
+    try:
+        await until(lambda: h.peers == {"198.18.0.12"}, what="peers from the Node list")
+        await until(lambda: fake.configmap() is not None, what="the map created")
+        cm = fake.configmap()
+        assert cm is not None
+        mine = MapEntry.decode(cm["data"]["node-a"])
+        assert mine is not None and mine.peer == ME
+        assert mine.uid == fake.nodes["node-a"]["metadata"]["uid"] or mine.uid == ""
+        # another daemon registers between our read and write: 409, re-read, both kept
+        uid_c = fake.add_node("node-c", "198.18.0.13")
+        await until(lambda: h.peers == {"198.18.0.12", "198.18.0.13"}, what="node-c dialled")
+        other = "02:00:00:00:00:03"
+        with fake._lock:
+            c = fake.configmaps[(fake.namespace, "weave-ipam-peers")]
+            c["data"]["node-c"] = MapEntry(other, uid_c).encode()
+            c["metadata"]["resourceVersion"] = fake._bump()
+        fake.delete_node("node-c")
+        await until(lambda: other in h.rmpeers, what="node-c's peer reclaimed")
+        await until(lambda: "node-c" not in (fake.configmap() or {}).get("data", {}),
+                    what="node-c's entry removed after the rmpeer")
+        assert h.rmpeers == [other]
+        assert h.peers == {"198.18.0.12"}
+        assert "node-a" in (fake.configmap() or {})["data"]
+        assert h.driver.status()["reclaimed_total"] == 1
+    finally:
+        await h.driver.stop()
+
+
+async def test_expired_watch_relists_and_outage_is_reported(fake: FakeKube,
+                                                            tmp_path: Path) -> None:
+    fake.add_node("node-a", "198.18.0.11")
+    h = Harness(fake, tmp_path)
+    h.driver.start()
+    try:
+        await until(lambda: h.driver.rec.nodes_known and fake.configmap(), what="started")
+        fake.down()
+        await until(lambda: "nodes" in h.driver.rec.problems, what="the outage noticed")
+        assert "cannot reach" in h.driver.rec.problems["nodes"]
+        with fake._lock:  # while it is down, more writes than the watch cache holds
+            for i in range(60):
+                fake._create_node(fake.node_object(f"n{i}", f"198.18.1.{i}"))
+                fake._delete_node(f"n{i}")
+            fake._create_node(fake.node_object("node-z", "198.18.0.26"))
+        lists_before = sum(1 for m, p, _ in fake.requests if p == "/api/v1/nodes")
+        fake.up()
+        await until(lambda: h.peers == {"198.18.0.26"}, timeout=40, what="re-listed")
+        assert sum(1 for m, p, _ in fake.requests if p == "/api/v1/nodes") > lists_before
+        assert any("resourceVersion" in p and "watch" in p and s == 200
+                   for _, p, s in fake.requests)
+        await until(lambda: "nodes" not in h.driver.rec.problems, what="problem cleared")
+    finally:
+        await h.driver.stop()
+
+
+async def test_forbidden_map_write_names_verb_and_resource(fake: FakeKube,
+                                                           tmp_path: Path) -> None:
+    fake.add_node("node-a", "198.18.0.11")
+    fake.forbidden.add(("create", "configmaps"))
+    h = Harness(fake, tmp_path)
+    h.driver.start()
+    try:
+        await until(lambda: "peer map" in h.driver.rec.problems, what="the 403 reported")
+        text = h.driver.rec.problems["peer map"]
+        assert "'create'" in text and "'configmaps'" in text and "403" in text
+        fake.forbidden.clear()  # granted: it recovers by itself
+        await until(lambda: fake.configmap() is not None, timeout=40, what="map created")
+        await until(lambda: "peer map" not in h.driver.rec.problems, what="problem cleared")
+        assert json.dumps(h.driver.status())  # status is plain JSON
+    finally:
+        await h.driver.stop()
