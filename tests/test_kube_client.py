@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.kubefake import FakeKube
-from weaveipam.kube.client import Driver, KubeError, make_client, settings
+from weaveipam.kube.client import Driver, make_client
+from weaveipam.kube.config import KubeError, settings
 from weaveipam.kube.reconcile import MapEntry
 
 ME = "02:00:00:00:00:01"

@@ -208,7 +208,7 @@ def test_api_problems_say_what_to_do() -> None:
     r.tick(1.1)
     assert r.take_outputs() == []  # backs off
     r.tick(2.0)
-    assert r.take_outputs() == [WatchNodes("100")]
+    assert r.take_outputs() == [ListNodes()]  # a LIST tells that the server is back
 
 
 @pytest.mark.parametrize("seed", range(30))

@@ -89,6 +89,10 @@ class Config:
     max_frame: int = 8 << 20
     # --password: peers authenticate and encrypt; kept out of repr (never logged)
     password: bytes | None = field(default=None, repr=False)
+    # Kubernetes mode (weaveipam.kube.config.KubeSettings), and whether --ipalloc-init or
+    # IPALLOC_INIT was given (else a first start counts Nodes for consensus=N)
+    kube: Any = None
+    init_explicit: bool = True
 
     @property
     def store_path(self) -> Path:
@@ -168,6 +172,7 @@ class Daemon:
         self._socket_path: Path | None = None
         self._seen_conns: set[tuple[str, str, bool]] = set()
         self.metrics: Any = None
+        self.kube: Any = None  # weaveipam.kube.mode.KubeMode in Kubernetes mode
 
     # ---- public --------------------------------------------------------------------------
 
@@ -242,6 +247,11 @@ class Daemon:
         snap = self._load(self.store)
         self.name = self._resolve_name(snap)
         self._check_identity(snap)
+        if cfg.kube is not None:
+            from .kube.mode import make  # the client library only in Kubernetes mode
+
+            self.kube = make(self, cfg.kube)
+            await self.kube.before_allocator(first_start=snap.ring is None)
         try:
             self.alloc = Allocator(name=self.name, nickname=cfg.nickname, universe=cfg.universe,
                                    init=cfg.init, rng=random.Random(),
@@ -277,6 +287,8 @@ class Daemon:
                 log.warning("ignoring peer %s:%d: %s", host, port, e)
         await self._start_servers()
         self._tasks.append(asyncio.create_task(self._ticker(), name="weaveipam-tick"))
+        if self.kube is not None:
+            self.kube.start()
 
         log.info("weaveipam %s(%s) started: range %s, init %s, peer port %d, %d peer(s) "
                  "given, peer encryption %s, API on %s%s, status on %s, state %s",
@@ -584,6 +596,8 @@ class Daemon:
         """Finish in-flight requests (up to the grace period), make everything durable,
         then close the servers, the mesh and the store."""
         self.stopping = True
+        if self.kube is not None:
+            await self.kube.stop()
         deadline = time.monotonic() + self.cfg.shutdown_grace
         while self._waiters and time.monotonic() < deadline:
             await asyncio.sleep(0.02)

@@ -13,13 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -27,8 +24,8 @@ from lightkube import ApiError, AsyncClient, KubeConfig
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import ConfigMap, Node
 
+from .config import KubeError, KubeSettings
 from .reconcile import (
-    DEFAULT_ADDRESS_TYPES,
     MAP_NAME,
     ApiProblem,
     ListNodes,
@@ -49,38 +46,6 @@ TICK = 0.2
 WATCH_SERVER_TIMEOUT = 300  # the server ends the stream; lightkube re-watches from the last rv
 WATCH_IDLE = WATCH_SERVER_TIMEOUT + 60  # no line for this long: the server is gone silently
 REQUEST_TIMEOUT = 10.0
-SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-
-
-class KubeError(Exception):
-    """Kubernetes mode cannot start; the message says what to set."""
-
-
-@dataclass
-class KubeSettings:
-    node_name: str
-    kubeconfig: Path | None = None  # None: in-cluster (ServiceAccount)
-    address_types: tuple[str, ...] = DEFAULT_ADDRESS_TYPES
-    service_account: Path = SERVICE_ACCOUNT
-
-    def where(self) -> str:
-        return f"kubeconfig {self.kubeconfig}" if self.kubeconfig else "in-cluster"
-
-
-def settings(*, no_kube: bool, kubeconfig: str | None, node_name: str | None,
-             address_type: str | None) -> KubeSettings | None:
-    """Kubernetes mode is on with --kubeconfig, or in a Pod (KUBERNETES_SERVICE_HOST)."""
-    if no_kube or not (kubeconfig or os.environ.get("KUBERNETES_SERVICE_HOST")):
-        return None
-    node = node_name or os.environ.get("NODE_NAME")
-    if not node:
-        raise KubeError("Kubernetes mode needs this node's name: set NODE_NAME from the "
-                        "downward API (fieldRef spec.nodeName) or give --node-name; or turn "
-                        "Kubernetes mode off with --no-kube")
-    types: tuple[str, ...] = DEFAULT_ADDRESS_TYPES
-    if address_type:
-        types = (address_type, *(t for t in DEFAULT_ADDRESS_TYPES if t != address_type))
-    return KubeSettings(node, Path(kubeconfig) if kubeconfig else None, types)
 
 
 def make_client(s: KubeSettings) -> AsyncClient:

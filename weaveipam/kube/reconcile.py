@@ -216,7 +216,7 @@ class Reconciler:
         self._view_seq = 0  # seq at which the LIST our view comes from was sent
         self._last_list = now
         self.deleted_uids: set[str] = set()
-        self._nodes_retry: tuple[float, Output] | None = None
+        self._nodes_retry: tuple[float, ListNodes] | None = None
         self._nodes_backoff = _Backoff(rng)
         self.peers: frozenset[str] = frozenset()
         # the map
@@ -342,11 +342,11 @@ class Reconciler:
         self._nodes_failed(problem, now)
 
     def _nodes_failed(self, problem: ApiProblem, now: float) -> None:
+        # retry with a LIST, not a watch: its answer tells that the server is back (a
+        # watch that opens but stays idle says nothing) and brings us up to date
         self._problem("nodes", problem.text())
-        what: Output = WatchNodes(self.rv) if self._nodes_op == "watch" and self.rv \
-            else ListNodes()
         self._nodes_op = None
-        self._nodes_retry = (now + self._nodes_backoff.next(), what)
+        self._nodes_retry = (now + self._nodes_backoff.next(), ListNodes())
 
     def _update_peers(self) -> None:
         addrs = set()
@@ -572,13 +572,7 @@ class Reconciler:
     def tick(self, now: float) -> None:
         self.now = now
         if self._nodes_retry is not None and now >= self._nodes_retry[0]:
-            what = self._nodes_retry[1]
-            self._nodes_retry = None
-            if isinstance(what, ListNodes):
-                self._list(now)
-            else:
-                self._nodes_op = "watch"
-                self._emit(what)
+            self._list(now)
         if not self._map_busy and self._map_due is not None and now >= self._map_due:
             self._read_map()
         if any(t <= now for t, _ in self._rm_retry.values()):
