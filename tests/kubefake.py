@@ -83,7 +83,9 @@ class FakeKube:
         self.events: list[tuple[int, str, dict[str, Any]]] = []
         self.configmaps: dict[tuple[str, str], dict[str, Any]] = {}
         self.forbidden: set[tuple[str, str]] = set()  # (verb, resource) our SA lacks
-        self.requests: list[tuple[str, str, int]] = []  # (method, path_qs, status)
+        # RBAC rules bound to our SA: (namespace or None for a ClusterRole, rule); None: all
+        self.rbac: list[tuple[str | None, dict[str, Any]]] | None = None
+        self.requests: list[list[Any]] = []  # [method, path_qs, status] in arrival order
         self._lock = threading.RLock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
@@ -253,8 +255,10 @@ class FakeKube:
     # ---- HTTP -------------------------------------------------------------------------
 
     async def _handle(self, req: web.Request) -> web.StreamResponse:
+        entry: list[Any] = [req.method, req.path_qs, 0]  # status 0 while it streams
+        self.requests.append(entry)
         resp = await self._route(req)
-        self.requests.append((req.method, req.path_qs, resp.status))
+        entry[2] = resp.status
         return resp
 
     def _auth(self, req: web.Request, verb: str, resource: str, name: str | None,
@@ -266,7 +270,8 @@ class FakeKube:
             return _status(401, "Unauthorized", "Unauthorized")
         else:
             user = SA_USER
-            if (verb, resource) not in self.forbidden:
+            if (verb, resource) not in self.forbidden and self._allowed(
+                    verb, resource, name, namespace):
                 return None
         what = f'{resource} "{name}"' if name else resource
         where = f' in the namespace "{namespace}"' if namespace else " at the cluster scope"
@@ -274,6 +279,41 @@ class FakeKube:
             {"kind": resource}
         return _status(403, "Forbidden", f'{what} is forbidden: User "{user}" cannot {verb} '
                        f'resource "{resource}" in API group ""{where}', details)
+
+    def use_rbac(self, docs: list[dict[str, Any]], sa: str = "weave-ipam") -> None:
+        """Authorize our ServiceAccount by the Roles and ClusterRoles bound to it in these
+        manifest documents, as the real RBAC authorizer does."""
+        roles = {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]): d
+                 for d in docs if d["kind"] in ("Role", "ClusterRole")}
+        self.rbac = []
+        for b in docs:
+            if b["kind"] not in ("RoleBinding", "ClusterRoleBinding"):
+                continue
+            if not any(s.get("kind") == "ServiceAccount" and s.get("name") == sa
+                       for s in b["subjects"]):
+                continue
+            ns = b["metadata"].get("namespace") if b["kind"] == "RoleBinding" else None
+            ref = b["roleRef"]
+            role = roles.get((ref["kind"], ns if ref["kind"] == "Role" else None, ref["name"]))
+            for rule in (role or {}).get("rules", []):
+                self.rbac.append((ns, rule))
+
+    def _allowed(self, verb: str, resource: str, name: str | None,
+                 namespace: str | None) -> bool:
+        if self.rbac is None:
+            return True
+        for ns, r in self.rbac:
+            if ns is not None and ns != namespace:
+                continue
+            if "" not in r.get("apiGroups", []) or resource not in r.get("resources", []):
+                continue
+            if verb not in r.get("verbs", []) and "*" not in r.get("verbs", []):
+                continue
+            names = r.get("resourceNames")
+            if names and (name is None or name not in names):
+                continue  # so never a create or a plain list
+            return True
+        return False
 
     async def _route(self, req: web.Request) -> web.StreamResponse:
         parts = [p for p in req.path.split("/") if p]

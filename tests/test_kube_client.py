@@ -153,3 +153,42 @@ async def test_forbidden_map_write_names_verb_and_resource(fake: FakeKube,
         assert json.dumps(h.driver.status())  # status is plain JSON
     finally:
         await h.driver.stop()
+
+
+async def test_manifest_rbac_covers_exactly_what_the_daemon_uses(fake: FakeKube,
+                                                                 tmp_path: Path) -> None:
+    """The fake authorizes by the manifest's Roles; the daemon's calls all pass, and every
+    rule is used (nothing granted that the daemon does not need)."""
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    docs = [d for d in yaml.safe_load_all(
+        (root / "docker" / "weave-ipam-daemonset.yaml").read_text()) if d]
+    fake.use_rbac(docs)
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]  # applied with the manifest
+    fake.configmaps[(cm["metadata"]["namespace"], cm["metadata"]["name"])] = {
+        "kind": "ConfigMap", "apiVersion": "v1",
+        "metadata": {**cm["metadata"], "uid": "u", "resourceVersion": fake._bump()}}
+    fake.add_node("node-a", "198.18.0.11")
+    fake.add_node("node-b", "198.18.0.12")
+    h = Harness(fake, tmp_path)
+    h.driver.start()
+    try:
+        await until(lambda: "node-a" in ((fake.configmap() or {}).get("data") or {}),
+                    what="our entry written")
+        await until(lambda: any("watch=" in p for _, p, _ in fake.requests), what="watching")
+        fake.delete_node("node-b")  # a map re-read and its reclaim path
+        await until(lambda: h.peers == frozenset(), what="node-b gone")
+        await asyncio.sleep(0.5)
+    finally:
+        await h.driver.stop()
+    assert not [r for r in fake.requests if r[2] in (401, 403)], fake.requests
+    used = set()
+    for method, path, _ in fake.requests:
+        res = "nodes" if path.startswith("/api/v1/nodes") else "configmaps"
+        verb = {"PUT": "update", "POST": "create"}.get(method) or (
+            "watch" if "watch=" in path else "list" if res == "nodes" else "get")
+        used.add((verb, res))
+    granted = {(v, res) for _, r in fake.rbac or [] for res in r["resources"]
+               for v in r["verbs"]}
+    assert used == granted

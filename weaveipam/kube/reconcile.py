@@ -112,9 +112,13 @@ class ApiProblem:
             return (f"the API server rejected our token (401 on {what}); check the "
                     "ServiceAccount token (it is re-read when it rotates) or --kubeconfig")
         if self.status == 403:
-            return (f"forbidden: our ServiceAccount may not {what} (403); grant the verb "
+            text = (f"forbidden: our ServiceAccount may not {what} (403); grant "
                     f"'{self.verb}' on '{self.resource}' in its Role/ClusterRole (see "
                     "docker/weave-ipam-daemonset.yaml)")
+            if (self.verb, self.resource) == ("create", "configmaps"):
+                text += (f", or apply the empty ConfigMap {MAP_NAME} from that manifest (a "
+                         "resourceNames rule never allows create)")
+            return text
         return f"{what} failed: HTTP {self.status} {self.reason}: {self.message}".strip()
 
 
