@@ -19,6 +19,7 @@ import contextlib
 import json
 import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -513,3 +514,13 @@ class FakeKube:
                 cur["metadata"]["resourceVersion"] = self._bump()
             cur["data"] = data
             return _json(cur)
+
+
+@contextlib.contextmanager
+def running() -> Iterator[FakeKube]:
+    """A started fake API server, closed afterwards whatever happened."""
+    f = FakeKube().start()
+    try:
+        yield f
+    finally:
+        f.close()

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from kubefake import FakeKube, running
+from test_mesh import until as mesh_until
 
-from tests.kubefake import FakeKube
 from weaveipam.kube.client import Driver, make_client
 from weaveipam.kube.config import KubeError, settings
 from weaveipam.kube.reconcile import MapEntry
@@ -20,19 +20,12 @@ ME = "02:00:00:00:00:01"
 
 @pytest.fixture
 def fake() -> Iterator[FakeKube]:
-    f = FakeKube().start()
-    try:
+    with running() as f:
         yield f
-    finally:
-        f.close()
 
 
 async def until(pred: Callable[[], object], timeout: float = 20.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
+    await mesh_until(pred, timeout, what)
 
 
 class Harness:

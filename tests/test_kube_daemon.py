@@ -11,9 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from daemons import Cluster, Node, free_ports, temp_cluster, wait_for
+from kubefake import FakeKube, running
 
-from tests.daemons import Cluster, Node, free_ports, temp_cluster, wait_for
-from tests.kubefake import FakeKube
 from weaveipam.kube.reconcile import MapEntry
 
 
@@ -42,12 +42,8 @@ class KubeNode(Node):
 
 @pytest.fixture
 def kcluster() -> Iterator[tuple[FakeKube, Cluster, list[KubeNode]]]:
-    fake = FakeKube().start()
-    try:
-        with temp_cluster("wik-") as c:
-            yield fake, c, []
-    finally:
-        fake.close()
+    with running() as fake, temp_cluster("wik-") as c:
+        yield fake, c, []
 
 
 def add(fake: FakeKube, c: Cluster, nodes: list[KubeNode], port: int) -> KubeNode:

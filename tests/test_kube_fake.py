@@ -14,24 +14,20 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-
-from tests.kubefake import FakeKube, recordings
+from kubefake import FakeKube, recordings, running
 
 REC = recordings()
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeKube]:
+    with running() as f:
+        yield f
 
 
 def exchanges(name: str) -> dict[str, dict[str, Any]]:
     return {x["name"]: x for x in json.loads((REC / name).read_text())["exchanges"]
             if "request" in x}
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeKube]:
-    f = FakeKube().start()
-    try:
-        yield f
-    finally:
-        f.close()
 
 
 def call(f: FakeKube, method: str, path: str, body: str | None = None,

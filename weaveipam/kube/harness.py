@@ -21,18 +21,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from .reconcile import (
-    ApiProblem,
-    ListNodes,
-    MapEntry,
-    NodeInfo,
-    ReadMap,
-    Reconciler,
-    RmPeer,
-    SetPeers,
-    WatchNodes,
-    WriteMap,
-)
+from . import reconcile as rc
 
 WATCH_CACHE = 3  # events the fake server keeps for watches (small: expiries happen)
 TICK = 0.1
@@ -42,7 +31,7 @@ TICK = 0.1
 class _Daemon:
     node: str
     peer: str
-    rec: Reconciler
+    rec: rc.Reconciler
     up: bool = True
     peers: frozenset[str] = frozenset()
     watch_gen: int = 0  # a new watch makes the old stream's deliveries void
@@ -56,8 +45,8 @@ class World:
     rng: random.Random
     now: float = 0.0
     rv: int = 100
-    nodes: dict[str, NodeInfo] = field(default_factory=dict)
-    log: list[tuple[int, str, NodeInfo]] = field(default_factory=list)
+    nodes: dict[str, rc.NodeInfo] = field(default_factory=dict)
+    log: list[tuple[int, str, rc.NodeInfo]] = field(default_factory=list)
     dropped_upto: int = 0  # resourceVersion of the last event out of the watch cache
     cm: dict[str, str] | None = None
     cm_rv: int = 0
@@ -100,7 +89,7 @@ class World:
         self.rv += self.rng.randint(1, 3)  # one counter shared by all kinds: gaps
         return self.rv
 
-    def _node_event(self, kind: str, n: NodeInfo) -> None:
+    def _node_event(self, kind: str, n: rc.NodeInfo) -> None:
         self.log.append((self._next_rv(), kind, n))
         if len(self.log) > WATCH_CACHE:
             self.dropped_upto = self.log[-WATCH_CACHE - 1][0]
@@ -114,7 +103,7 @@ class World:
         return "02:00:00:00:" + f"{(i >> 8) & 0xff:02x}:{i & 0xff:02x}"
 
     def create_node(self, name: str) -> None:
-        n = NodeInfo(name, f"uid-{next(self._uids)}",
+        n = rc.NodeInfo(name, f"uid-{next(self._uids)}",
                      (("InternalIP", f"198.18.{len(self.nodes) % 250}.{next(self._uids) % 250}"),))
         self.nodes[name] = n
         self._node_event("ADDED", n)
@@ -133,7 +122,7 @@ class World:
         if old is not None and old.peer != peer:
             old.up = False
             self.must_reclaim[old.peer] = node  # re-registered with a wiped disk
-        rec = Reconciler(node_name=node, peer_name=peer, rng=random.Random(self.rng.random()),
+        rec = rc.Reconciler(node_name=node, peer_name=peer, rng=random.Random(self.rng.random()),
                          now=self.now)
         d = _Daemon(node, peer, rec)
         self.daemons[node] = d
@@ -151,26 +140,26 @@ class World:
 
     def pump(self, d: _Daemon) -> None:
         for o in d.rec.take_outputs():
-            if isinstance(o, ListNodes):
+            if isinstance(o, rc.ListNodes):
                 self.later(partial(self._do_list, d))
-            elif isinstance(o, WatchNodes):
+            elif isinstance(o, rc.WatchNodes):
                 d.watch_gen += 1
                 gen, rv = d.watch_gen, int(o.resource_version)
                 self.later(partial(self._do_watch, d, gen, rv))
-            elif isinstance(o, ReadMap):
+            elif isinstance(o, rc.ReadMap):
                 self.later(partial(self._do_read, d))
-            elif isinstance(o, WriteMap):
+            elif isinstance(o, rc.WriteMap):
                 self.later(partial(self._do_write, d, o))
-            elif isinstance(o, RmPeer):
+            elif isinstance(o, rc.RmPeer):
                 self.later(partial(self._do_rmpeer, d, o), 0.05, 2.0)
-            elif isinstance(o, SetPeers):
+            elif isinstance(o, rc.SetPeers):
                 d.peers = o.addresses
 
     def _alive(self, d: _Daemon) -> bool:
         return d.up and self.daemons.get(d.node) is d
 
-    def _fail(self, d: _Daemon, verb: str, res: str) -> ApiProblem:
-        return ApiProblem(verb, res, None, "", "connection refused")
+    def _fail(self, d: _Daemon, verb: str, res: str) -> rc.ApiProblem:
+        return rc.ApiProblem(verb, res, None, "", "connection refused")
 
     def _do_list(self, d: _Daemon) -> None:
         if not self._alive(d):
@@ -242,7 +231,7 @@ class World:
             d.rec.map_read(dict(self.cm), str(self.cm_rv), self.now)
         self.pump(d)
 
-    def _do_write(self, d: _Daemon, o: WriteMap) -> None:
+    def _do_write(self, d: _Daemon, o: rc.WriteMap) -> None:
         if not self._alive(d):
             return  # a crashed writer: the intent dies with it (others re-derive theirs)
         if self.api_down():
@@ -268,7 +257,7 @@ class World:
             if peer not in self.reclaimed:
                 self.violate(f"map entry {node} -> {peer} removed before its rmpeer")
 
-    def _do_rmpeer(self, d: _Daemon, o: RmPeer) -> None:
+    def _do_rmpeer(self, d: _Daemon, o: rc.RmPeer) -> None:
         if not self._alive(d):
             return
         self.rmpeer_calls += 1
@@ -356,7 +345,7 @@ class World:
         for peer in self.reclaimed:
             if peer not in self.must_reclaim:
                 self.violate(f"peer {peer} reclaimed but nothing asked for it")
-        ents = {k: MapEntry.decode(v) for k, v in (self.cm or {}).items()}
+        ents = {k: rc.MapEntry.decode(v) for k, v in (self.cm or {}).items()}
         for name in self.nodes:
             d = self.daemons.get(name)
             e = ents.get(name)
@@ -383,13 +372,13 @@ class World:
 def _pairs(m: dict[str, str]) -> set[tuple[str, str]]:
     out: set[tuple[str, str]] = set()
     for k, v in m.items():
-        e = MapEntry.decode(v)
+        e = rc.MapEntry.decode(v)
         if e is not None:
             out.update((k, p) for p in (e.peer, *e.old))
     return out
 
 
-def _node_json(n: NodeInfo, rv: int) -> dict[str, Any]:
+def _node_json(n: rc.NodeInfo, rv: int) -> dict[str, Any]:
     return {"kind": "Node", "metadata": {"name": n.name, "uid": n.uid,
                                          "resourceVersion": str(rv)},
             "status": {"addresses": [{"type": t, "address": a} for t, a in n.addresses]}}

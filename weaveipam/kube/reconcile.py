@@ -389,6 +389,14 @@ class Reconciler:
     def map_read(self, data: Mapping[str, str] | None, resource_version: str | None,
                  now: float) -> None:
         """The ConfigMap's data and resourceVersion; data None: it does not exist (404)."""
+        self._map_loaded(data, resource_version, now)
+
+    def map_written(self, data: Mapping[str, str], resource_version: str, now: float) -> None:
+        self._map_loaded(data, resource_version, now)
+
+    def _map_loaded(self, data: Mapping[str, str] | None, resource_version: str | None,
+                    now: float) -> None:
+        """What the server holds now (read or just written): apply what is still to do."""
         self.now = now
         self._map_busy = False
         if data is None:
@@ -396,17 +404,8 @@ class Reconciler:
         else:
             self.map_raw, self.map_rv, self.map_state = dict(data), resource_version, "known"
         self._seen_entries()
-        self._map_ok()
-        if not self._want_write():
-            self._map_due = now + self.map_refresh
-        self._reclaim()
-
-    def map_written(self, data: Mapping[str, str], resource_version: str, now: float) -> None:
-        self.now = now
-        self._map_busy = False
-        self.map_raw, self.map_rv, self.map_state = dict(data), resource_version, "known"
-        self._seen_entries()
-        self._map_ok()
+        self._map_backoff.reset()
+        self._problem("peer map", None)
         if not self._want_write():
             self._map_due = now + self.map_refresh
         self._reclaim()
@@ -423,10 +422,6 @@ class Reconciler:
         self._map_busy = False
         self._problem("peer map", problem.text())
         self._map_due = now + max(self._map_backoff.next(), BACKOFF_MIN)
-
-    def _map_ok(self) -> None:
-        self._map_backoff.reset()
-        self._problem("peer map", None)
 
     def _seen_entries(self) -> None:
         for node, e in self.entries.items():
