@@ -185,3 +185,32 @@ async def test_manifest_rbac_covers_exactly_what_the_daemon_uses(fake: FakeKube,
     granted = {(v, res) for _, r in fake.rbac or [] for res in r["resources"]
                for v in r["verbs"]}
     assert used == granted
+
+
+async def test_rotated_token_is_read_again(fake: FakeKube, tmp_path: Path) -> None:
+    """As the projected ServiceAccount token: after a 401 the token file is read again."""
+    token = tmp_path / "token"
+    token.write_text(fake.token)
+    cfg = json.loads(fake.kubeconfig(tmp_path / "kc").read_text())
+    cfg["users"][0]["user"] = {"tokenFile": str(token)}
+    (tmp_path / "kc").write_text(json.dumps(cfg))
+    fake.add_node("node-a", "198.18.0.11")
+    s = settings(no_kube=False, kubeconfig=str(tmp_path / "kc"), node_name="node-a",
+                 address_type=None)
+    assert s is not None
+    h = Harness(fake, tmp_path)
+    h.driver = Driver(s, make_client(s), peer_name=ME, set_peers=h._set, rmpeer=h._rmpeer,
+                      ring=lambda: (True, None))
+    h.driver.start()
+    try:
+        await until(lambda: fake.configmap() is not None, what="started with the first token")
+        token.write_text("rotated-token\n")
+        fake.token = "rotated-token"
+        seen = len(fake.requests)
+        await until(lambda: any(r[2] == 401 for r in fake.requests[seen:]), what="a 401")
+        first_401 = next(i for i, r in enumerate(fake.requests) if i >= seen and r[2] == 401)
+        await until(lambda: any(r[2] == 200 for r in fake.requests[first_401:]),
+                    what="the same call with the new token")
+        assert not h.driver.rec.problems
+    finally:
+        await h.driver.stop()

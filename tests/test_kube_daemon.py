@@ -148,3 +148,39 @@ def test_explicit_init_wins_and_403_is_reported(
     text = n.status("/status")[1]
     assert "'create' on 'configmaps'" in text, text
     n.allocate("pod-1")  # the API's refusal does not stop allocation
+
+
+def test_first_start_waits_for_the_node_count(
+        kcluster: tuple[FakeKube, Cluster, list[KubeNode]]) -> None:
+    """consensus= needs the Node count: with the API server down, a first start waits
+    (saying why in its log), then counts; SIGTERM ends the wait."""
+    fake, c, nodes = kcluster
+    (port,) = free_ports(1)
+    n = add(fake, c, nodes, port)
+    fake.down()
+    try:
+        n.start(wait=False)
+        wait_for(lambda: "counting Nodes for consensus=N" in n.log_tail(), timeout=30,
+                 what="the wait logged")
+        assert n.running() and "cannot reach the Kubernetes API server" in n.log_tail()
+    finally:
+        fake.up()
+    n.wait_up(timeout=60)
+    wait_for(n.ready, timeout=60, what="ready after counting")
+    assert n.kube()["init"] == "consensus=1"
+    n.stop()
+    # a second start keeps its ring: no count needed, the API server may be down
+    fake.down()
+    try:
+        n.start()
+        wait_for(n.ready, timeout=60, what="ready from its state on disk")
+        assert n.kube()["init_source"] == "the state on disk"
+        n.stop()
+    finally:
+        fake.up()
+    # with nothing on disk and the API down, SIGTERM still stops it
+    c2 = add(fake, c, nodes, port)
+    fake.down()
+    c2.start(wait=False)
+    wait_for(lambda: "counting Nodes" in c2.log_tail(), timeout=30, what="waiting")
+    assert c2.stop() != 0 and "stopped while waiting" in c2.log_tail()

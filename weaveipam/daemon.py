@@ -193,6 +193,11 @@ class Daemon:
         finally:
             await self.shutdown()
 
+    @property
+    def stop_requested(self) -> asyncio.Event:
+        """Set by SIGTERM/SIGINT: long waits during start-up end on it."""
+        return self._stop
+
     def request_stop(self) -> None:
         if not self._stop.is_set():
             log.info("stopping: finishing in-flight requests")

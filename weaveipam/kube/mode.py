@@ -9,6 +9,7 @@ and /readyz does not look at it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,8 @@ class KubeMode:
         cfg = self.d.cfg
         if cfg.init_explicit or not first_start:
             return
+        from ..daemon import StartupError
+
         delay = 0.5
         while True:
             try:
@@ -50,7 +53,10 @@ class KubeMode:
                 self.counting = problem(e, "list", "nodes").text()
                 log.warning("counting Nodes for consensus=N (set IPALLOC_INIT to skip): %s",
                             self.counting)
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            with contextlib.suppress(TimeoutError):  # SIGTERM ends the wait
+                await asyncio.wait_for(self.d.stop_requested.wait(),
+                                       delay * random.uniform(0.5, 1.0))
+                raise StartupError("stopped while waiting for the API server to count Nodes")
             delay = min(delay * 2, COUNT_RETRY_MAX)
         self.counting = None
         cfg.init = InitMode("consensus", max(n, 1))
