@@ -227,6 +227,8 @@ class Reconciler:
         self.map_raw: dict[str, str] = {}
         self.map_rv: str | None = None
         self.map_state = "unknown"  # unknown | missing | known
+        self._entries: dict[str, MapEntry] = {}
+        self._entries_of: dict[str, str] | None = None  # the map_raw they were decoded from
         self._map_busy = False
         self._map_due: float | None = now
         self._map_backoff = _Backoff(rng, lo=0.05, hi=5.0)
@@ -374,12 +376,15 @@ class Reconciler:
 
     @property
     def entries(self) -> dict[str, MapEntry]:
-        out = {}
-        for k, v in self.map_raw.items():
-            e = MapEntry.decode(v)
-            if e is not None:
-                out[k] = e
-        return out
+        """The readable entries, decoded once per map version (read every tick)."""
+        if self._entries_of is not self.map_raw:
+            out = {}
+            for k, v in self.map_raw.items():
+                e = MapEntry.decode(v)
+                if e is not None:
+                    out[k] = e
+            self._entries, self._entries_of = out, self.map_raw
+        return self._entries
 
     def _read_map(self) -> None:
         self._map_busy = True
