@@ -36,6 +36,7 @@ class _Daemon:
     peers: frozenset[str] = frozenset()
     watch_gen: int = 0  # a new watch makes the old stream's deliveries void
     watch_rv: int | None = None  # where the open watch stands
+    ring_lag: float = 0.0  # this daemon's ring view is this far behind (gossip delay)
     deliver_at: float = 0.0  # a stream is in order: no event overtakes another
 
 
@@ -55,6 +56,9 @@ class World:
     # the ring (converged: heir disagreement is the allocator's concern, tested there)
     ring: set[str] = field(default_factory=set)
     removed: set[str] = field(default_factory=set)
+    joined_at: dict[str, float] = field(default_factory=dict)
+    removed_at: dict[str, float] = field(default_factory=dict)
+    recs: list[rc.Reconciler] = field(default_factory=list)  # every one, for the counts
     # truth for the checks
     must_reclaim: dict[str, str] = field(default_factory=dict)  # peer -> node
     reclaimed: dict[str, int] = field(default_factory=dict)
@@ -124,17 +128,27 @@ class World:
             self.must_reclaim[old.peer] = node  # re-registered with a wiped disk
         rec = rc.Reconciler(node_name=node, peer_name=peer, rng=random.Random(self.rng.random()),
                          now=self.now)
-        d = _Daemon(node, peer, rec)
+        d = _Daemon(node, peer, rec, ring_lag=self.rng.choice([0.0, 0.0, 0.5, 2.0]))
         self.daemons[node] = d
-        rec.ring_changed(True, self.heir_of, self.now)
+        self.recs.append(rec)
+        rec.ring_changed(True, partial(self.heir_seen_by, d), self.now)
         rec.start(self.now)
         self.pump(d)
 
-    def heir_of(self, dead: str) -> str:
-        """Allocator.heir_for's rule over the converged ring."""
-        cands = sorted(self.ring - self.removed - {dead})
+    def heir_of(self, dead: str, at: float | None = None) -> str:
+        """Allocator.heir_for's rule over the ring as it was at time `at` (now: the
+        converged ring, where an rmpeer is carried out)."""
+        t = self.now if at is None else at
+        cands = sorted(p for p in self.ring - {dead} if self.joined_at.get(p, 0.0) <= t
+                       and self.removed_at.get(p, float("inf")) > t)
+        if not cands:
+            return dead
         after = [c for c in cands if c > dead]
         return after[0] if after else cands[0]
+
+    def heir_seen_by(self, d: _Daemon, dead: str) -> str:
+        """The heir by d's ring view, which lags: two daemons may both think they are it."""
+        return self.heir_of(dead, self.now - d.ring_lag)
 
     # ---- executing a reconciler's outputs ---------------------------------------------
 
@@ -246,7 +260,10 @@ class World:
             self.registered.update(p for _, p in _pairs(self.cm))
             # a daemon gets ranges once it is in the map: one that dies before its first
             # write leaves no trace of its Node, and its ranges need a hand rmpeer
-            self.ring.update(d.peer for d in self.daemons.values() if d.peer in self.registered)
+            for x in self.daemons.values():
+                if x.peer in self.registered and x.peer not in self.ring:
+                    self.ring.add(x.peer)
+                    self.joined_at[x.peer] = self.now
             self.writes += 1
             d.rec.map_written(dict(self.cm), str(self.cm_rv), self.now)
         self.pump(d)
@@ -272,7 +289,10 @@ class World:
         else:
             if o.peer not in self.must_reclaim:
                 self.violate(f"rmpeer {o.peer}: its Node was not deleted nor re-registered")
+            # an rmpeer is carried out by the heir of the converged ring (the engine
+            # forwards it there), so a second one finds the peer already removed
             self.removed.add(o.peer)
+            self.removed_at[o.peer] = self.now
             self.reclaimed[o.peer] = self.reclaimed.get(o.peer, 0) + 1
             d.rec.rmpeer_done(o.peer, o.node, "done", "took over its ranges", self.now)
         self.pump(d)
@@ -345,6 +365,10 @@ class World:
         for peer in self.reclaimed:
             if peer not in self.must_reclaim:
                 self.violate(f"peer {peer} reclaimed but nothing asked for it")
+        counted = sum(r.reclaimed_total for r in self.recs)
+        if counted != sum(self.reclaimed.values()):
+            self.violate(f"the daemons count {counted} reclaims, "
+                         f"{sum(self.reclaimed.values())} happened")
         ents = {k: rc.MapEntry.decode(v) for k, v in (self.cm or {}).items()}
         for name in self.nodes:
             d = self.daemons.get(name)
@@ -365,6 +389,7 @@ class World:
     def summary(self) -> dict[str, Any]:
         return {"seed": self.seed, "nodes": len(self.nodes), "reclaims": sum(
             self.reclaimed.values()), "rmpeer_calls": self.rmpeer_calls,
+            "rmpeers_without_takeover": self.rmpeer_calls - sum(self.reclaimed.values()),
             "map_writes": self.writes, "conflicts": self.conflicts, "expiries": self.expiries,
             "violations": len(self.violations)}
 

@@ -557,10 +557,15 @@ class Reconciler:
         self._rm_inflight.discard(peer)
         if outcome in ("done", "gone"):
             self._rm_retry.pop(peer, None)
-            self.reclaimed_total += 1
-            self.reclaims.append(Reclaim(peer, node, "", f"{outcome}: {message}"))
-            del self.reclaims[:-20]
-            self._note("warning", f"reclaimed peer {peer} of deleted Node {node}: {message}")
+            if outcome == "done":  # "gone": another peer's rmpeer (or a person's) did it
+                self.reclaimed_total += 1
+                self.reclaims.append(Reclaim(peer, node, "", message))
+                del self.reclaims[:-20]
+                self._note("warning", f"reclaimed peer {peer} of deleted Node {node}: "
+                           f"{message}")
+            else:
+                self._note("info", f"peer {peer} of deleted Node {node} was already "
+                           f"reclaimed ({message}); removing its map entry")
             self._unmap[peer] = node
             self._want_write()
         else:
