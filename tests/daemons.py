@@ -87,7 +87,9 @@ class Node:
         logf.write(f"--- start {self.starts}\n".encode())
         logf.flush()
         env = dict(os.environ, PYTHONPATH=str(REPO))
-        for k in ("PEERS", "IPALLOC_RANGE", "IPALLOC_INIT", "WEAVEIPAM_SOCKET"):
+        # no Kubernetes mode from the environment (a test run inside a Pod)
+        for k in ("PEERS", "IPALLOC_RANGE", "IPALLOC_INIT", "WEAVEIPAM_SOCKET",
+                  "KUBERNETES_SERVICE_HOST", "NODE_NAME"):
             env.pop(k, None)
         self.proc = subprocess.Popen(self.argv(), stdout=logf, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env=env, cwd=self.dir)

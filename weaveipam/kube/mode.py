@@ -130,7 +130,8 @@ class KubeMode:
                 f"{st.get('nodes', '?')} Nodes, map {st.get('map', '')} "
                 f"({st.get('map_entries', '?')} entries)",
                 f"init {st['init']} from {st['init_source']}",
-                f"reclaimed {st.get('reclaimed_total', 0)} peer(s) of deleted Nodes"]
+                f"reclaimed {st.get('reclaimed_total', 0)} peer(s) of deleted or "
+                "re-registered Nodes"]
         for r in st.get("reclaims", [])[-3:]:
             rows.append(f"  reclaimed {r['peer']} (Node {r['node']}): {r['result']}")
         for peer, why in sorted(st.get("waiting", {}).items()):

@@ -561,11 +561,10 @@ class Reconciler:
                 self.reclaimed_total += 1
                 self.reclaims.append(Reclaim(peer, node, "", message))
                 del self.reclaims[:-20]
-                self._note("warning", f"reclaimed peer {peer} of deleted Node {node}: "
-                           f"{message}")
+                self._note("warning", f"reclaimed peer {peer} (Node {node}): {message}")
             else:
-                self._note("info", f"peer {peer} of deleted Node {node} was already "
-                           f"reclaimed ({message}); removing its map entry")
+                self._note("info", f"peer {peer} (Node {node}) was already reclaimed "
+                           f"({message}); removing it from the map")
             self._unmap[peer] = node
             self._want_write()
         else:
