@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import ssl
 import threading
 import uuid
 from collections.abc import Iterator
@@ -73,8 +74,10 @@ def _status(code: int, reason: str, message: str,
 
 class FakeKube:
     def __init__(self, host: str = "127.0.0.1", namespace: str = "kube-system",
-                 token: str = "weave-ipam-token") -> None:
+                 token: str = "weave-ipam-token",
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.host = host
+        self.ssl_context = ssl_context  # HTTPS, as a real API server
         self.port = 0
         self.namespace = namespace
         self.token = token
@@ -132,7 +135,8 @@ class FakeKube:
 
     async def _up(self) -> None:
         assert self._runner is not None
-        self._site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        self._site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True,
+                                 ssl_context=self.ssl_context)
         await self._site.start()
         if not self.port:
             server = self._site._server
@@ -168,7 +172,8 @@ class FakeKube:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     def kubeconfig(self, path: Path, token: str | None = None,
                    namespace: str | None = None) -> Path:
@@ -517,9 +522,9 @@ class FakeKube:
 
 
 @contextlib.contextmanager
-def running() -> Iterator[FakeKube]:
+def running(**kw: Any) -> Iterator[FakeKube]:
     """A started fake API server, closed afterwards whatever happened."""
-    f = FakeKube().start()
+    f = FakeKube(**kw).start()
     try:
         yield f
     finally:

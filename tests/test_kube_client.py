@@ -214,3 +214,49 @@ async def test_rotated_token_is_read_again(fake: FakeKube, tmp_path: Path) -> No
         assert not h.driver.rec.problems
     finally:
         await h.driver.stop()
+
+
+async def test_in_cluster_service_account_over_tls(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a Pod: the server from KUBERNETES_SERVICE_HOST/PORT over HTTPS, verified with the
+    ServiceAccount's ca.crt, its token, and the map in its namespace; a CA that did not sign
+    the server's certificate is a reported problem, not a crash."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    sa = tmp_path / "serviceaccount"
+    sa.mkdir()
+    (sa / "namespace").write_text("weave-ns")
+    ca.cert_pem.write_to_path(str(sa / "ca.crt"))
+    with running(ssl_context=server_ctx, namespace="weave-ns") as fake:
+        (sa / "token").write_text(fake.token + "\n")
+        fake.add_node("node-a", "198.18.0.11")
+        fake.add_node("node-b", "198.18.0.12")
+        monkeypatch.setenv("KUBERNETES_SERVICE_HOST", fake.host)
+        monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(fake.port))
+        s = settings(no_kube=False, kubeconfig=None, node_name="node-a", address_type=None)
+        assert s is not None and s.where() == "in-cluster"
+        s.service_account = sa
+        h = Harness(fake, tmp_path)
+        h.driver = Driver(s, make_client(s), peer_name=ME, set_peers=h._set,
+                          rmpeer=h._rmpeer, ring=lambda: (True, None))
+        h.driver.start()
+        try:
+            await until(lambda: h.peers == {"198.18.0.12"}, what="Nodes over HTTPS")
+            await until(lambda: fake.configmap() is not None, what="the map in weave-ns")
+            assert h.driver.status()["namespace"] == "weave-ns"
+        finally:
+            await h.driver.stop()
+        trustme.CA().cert_pem.write_to_path(str(sa / "ca.crt"))  # the wrong CA
+        h.driver = Driver(s, make_client(s), peer_name=ME, set_peers=h._set,
+                          rmpeer=h._rmpeer, ring=lambda: (True, None))
+        h.driver.start()
+        try:
+            await until(lambda: "nodes" in h.driver.rec.problems, what="TLS failure reported")
+            assert "cannot reach" in h.driver.rec.problems["nodes"]
+        finally:
+            await h.driver.stop()
