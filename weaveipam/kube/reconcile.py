@@ -42,6 +42,7 @@ class NodeInfo:
     uid: str
     addresses: tuple[tuple[str, str], ...] = ()  # (type, address) in the API's order
     pod_cidrs: tuple[str, ...] = ()
+    annotations: tuple[tuple[str, str], ...] = ()  # sorted (key, value)
 
     @staticmethod
     def from_json(obj: Mapping[str, Any]) -> NodeInfo | None:
@@ -55,7 +56,10 @@ class NodeInfo:
         addrs = tuple((str(a.get("type", "")), str(a.get("address", "")))
                       for a in status.get("addresses") or [] if isinstance(a, dict))
         cidrs = tuple(str(c) for c in spec.get("podCIDRs") or [] if isinstance(c, str))
-        return NodeInfo(name, str(meta.get("uid") or ""), addrs, cidrs)
+        ann = meta.get("annotations") or {}
+        notes = tuple(sorted((str(k), str(v)) for k, v in ann.items())) \
+            if isinstance(ann, dict) else ()
+        return NodeInfo(name, str(meta.get("uid") or ""), addrs, cidrs, notes)
 
     def address(self, types: Iterable[str]) -> str | None:
         """The first address of the first type that the node has."""
