@@ -88,9 +88,11 @@ class Node:
         logf.write(f"--- start {self.starts}\n".encode())
         logf.flush()
         env = dict(os.environ, PYTHONPATH=str(REPO))
+        # no Kubernetes mode or password from the environment (a test run inside a Pod)
         for k in ("PEERS", "IPALLOC_RANGE", "IPALLOC_INIT", "WEAVEIPAM_SOCKET",
-                  "KUBERNETES_SERVICE_HOST", "WEAVE_PASSWORD", "WEAVEIPAM_INSECURE_PEERS"):
-            env.pop(k, None)  # a test runner inside a pod is not a daemon in Kubernetes
+                  "KUBERNETES_SERVICE_HOST", "NODE_NAME", "WEAVE_PASSWORD",
+                  "WEAVEIPAM_INSECURE_PEERS"):
+            env.pop(k, None)
         env.update(self.env)
         self.proc = subprocess.Popen(self.argv(), stdout=logf, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env=env, cwd=self.dir)

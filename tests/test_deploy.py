@@ -185,12 +185,15 @@ def test_manifest_passes_yamllint() -> None:
 def test_objects_and_minimal_rbac() -> None:
     docs = _docs()
     assert sorted(d["kind"] for d in docs) == [
-        "ClusterRole", "ClusterRoleBinding", "DaemonSet", "ServiceAccount"]
+        "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet", "Role", "RoleBinding",
+        "ServiceAccount"]
     sa, ds = _one("ServiceAccount"), _one("DaemonSet")
     assert sa["metadata"]["namespace"] == ds["metadata"]["namespace"] == "kube-system"
     role, binding = _one("ClusterRole"), _one("ClusterRoleBinding")
+    # exactly what the daemon uses (checked against the fake API server in
+    # test_kube_client.py): list and watch Nodes, nothing else cluster-wide
     assert role["rules"] == [
-        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]}]
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]}]
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io",
                                   "kind": "ClusterRole", "name": role["metadata"]["name"]}
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
@@ -199,6 +202,31 @@ def test_objects_and_minimal_rbac() -> None:
     selector = ds["spec"]["selector"]["matchLabels"]
     labels = ds["spec"]["template"]["metadata"]["labels"]
     assert selector.items() <= labels.items()
+
+
+def test_peer_map_rbac_is_one_named_configmap() -> None:
+    """A resourceNames rule never allows create: the map is shipped, the daemon only reads
+    and updates it, in its own namespace."""
+    from weaveipam.kube.reconcile import MAP_NAME
+
+    cm, role, binding = _one("ConfigMap"), _one("Role"), _one("RoleBinding")
+    assert cm["metadata"]["name"] == MAP_NAME and "data" not in cm
+    ns = _one("DaemonSet")["metadata"]["namespace"]
+    assert cm["metadata"]["namespace"] == role["metadata"]["namespace"] == ns
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"],
+                              "resourceNames": [MAP_NAME], "verbs": ["get", "update"]}]
+    assert binding["metadata"]["namespace"] == ns
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "weave-ipam",
+                                    "namespace": ns}]
+    assert all("leases" not in r["resources"] for d in _docs() if "rules" in d
+               for r in d["rules"])  # no Lease: the ring's heir is the one reclaimer
+
+
+def test_manifest_notes_pod_security() -> None:
+    text = MANIFEST.read_text()
+    assert "privileged" in text and "hostNetwork" in text and "Pod Security" in text
 
 
 def test_daemonset_scheduling() -> None:
@@ -281,14 +309,14 @@ def test_daemon_env_and_arguments_are_accepted_by_the_cli(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from weaveipam.cli import build_parser
     from weaveipam.core.addr import CIDR
-    from weaveipam.core.allocator import InitMode
 
     daemon = _daemon()
     env = _env(daemon)
-    for name in ("IPALLOC_RANGE", "IPALLOC_INIT", "PEERS"):
-        assert name in env, name
     assert env["IPALLOC_RANGE"]["value"] == "10.32.0.0/12"
-    assert re.fullmatch(r"consensus=[1-9][0-9]*", env["IPALLOC_INIT"]["value"])
+    # no hand edit: consensus= from the Node count, peers from Node addresses; an empty
+    # value is dropped by the server, so every re-apply would report "configured"
+    assert "IPALLOC_INIT" not in env and "PEERS" not in env
+    assert all(e.get("value", None) != "" for e in env.values())
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     assert "command" not in daemon, "the image's entrypoint (weaveipam daemon) must run"
 
@@ -303,7 +331,14 @@ def test_daemon_env_and_arguments_are_accepted_by_the_cli(
     args = build_parser().parse_args(["daemon", *argv])
     assert args.nickname == "node-1"
     CIDR.parse(args.ipalloc_range)
-    assert InitMode.parse(args.ipalloc_init).kind == "consensus"
+    assert args.ipalloc_init is None  # counted from the Nodes at a first start
+    # in the Pod, Kubernetes mode is on and knows its node
+    from weaveipam.kube.config import settings
+
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    kube = settings(no_kube=args.no_kube, kubeconfig=args.kubeconfig,
+                    node_name=args.node_name, address_type=args.kube_address_type)
+    assert kube is not None and kube.node_name == "node-1" and kube.kubeconfig is None
     assert args.socket == SOCKET
     host, _, port = args.status_addr.rpartition(":")
     assert (host, int(port)) == ("127.0.0.1", STATUS_PORT)

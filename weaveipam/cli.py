@@ -312,9 +312,17 @@ def cmd_daemon(args: argparse.Namespace) -> int:
                           if args.ipalloc_default_subnet else None)
     except AddrError as e:
         _die(f"{e} (host bits must be zero)", EXIT_USAGE)
+    init_explicit = args.ipalloc_init is not None
     try:
-        init = InitMode.parse(args.ipalloc_init)
+        init = InitMode.parse(args.ipalloc_init or "consensus=1")
     except ValueError as e:
+        _die(str(e), EXIT_USAGE)
+    from .kube.config import KubeError, settings
+
+    try:
+        kube = settings(no_kube=args.no_kube, kubeconfig=args.kubeconfig,
+                        node_name=args.node_name, address_type=args.kube_address_type)
+    except KubeError as e:
         _die(str(e), EXIT_USAGE)
     peer_texts = list(args.peers) + list(args.peer or [])
     env_peers = _env("PEERS")
@@ -334,11 +342,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
                  peers=peers, host=args.host, port=args.port, conn_limit=args.conn_limit,
                  name=args.name or None, socket=Path(args.socket) if args.socket else None,
                  http_addr=http_addr, status_addr=status_addr, op_timeout=args.op_timeout,
-<<<<<<< HEAD
-                 password=password, second_password=second_password)
-=======
-                 password=password, pod_routes=args.pod_routes)
->>>>>>> cni-gateway
+                 password=password, second_password=second_password,
+                 pod_routes=args.pod_routes, kube=kube, init_explicit=init_explicit)
     if args.nickname:
         cfg.nickname = args.nickname
     daemon = Daemon(cfg)
@@ -462,9 +467,10 @@ def _daemon_parser(sub: Any) -> None:
                    help="the whole cluster's range (IPALLOC_RANGE; default %(default)s)")
     p.add_argument("--ipalloc-default-subnet", default=_env("IPALLOC_DEFAULT_SUBNET"),
                    help="where a plain allocation lands (default: the whole range)")
-    p.add_argument("--ipalloc-init", default=_env("IPALLOC_INIT", "consensus=1"),
-                   help="consensus=N | seed=NAME,... | observer (IPALLOC_INIT; "
-                   "default %(default)s)")
+    p.add_argument("--ipalloc-init", default=_env("IPALLOC_INIT"),
+                   help="consensus=N | seed=NAME,... | observer (IPALLOC_INIT; default "
+                   "consensus=1, or in Kubernetes mode at a first start consensus=the "
+                   "number of Nodes)")
     p.add_argument("--port", type=int, default=int(_env("WEAVEIPAM_PORT", "6783") or 6783),
                    help="peer port (default %(default)s)")
     p.add_argument("--host", default=_env("WEAVEIPAM_HOST", "0.0.0.0"),
@@ -503,6 +509,19 @@ def _daemon_parser(sub: Any) -> None:
                    "(for the routed `ptp` conflist; needs CAP_NET_ADMIN; "
                    "WEAVEIPAM_POD_ROUTES=true)")
     p.add_argument("--log-level", default=_env("WEAVEIPAM_LOG_LEVEL", "info"))
+    k = p.add_argument_group("Kubernetes mode (on in a Pod, or with --kubeconfig)")
+    k.add_argument("--kubeconfig", default=None,
+                   help="talk to the API server with this kubeconfig instead of the Pod's "
+                   "ServiceAccount")
+    k.add_argument("--no-kube", action="store_true",
+                   help="no Kubernetes mode even in a Pod")
+    k.add_argument("--node-name", default=None,
+                   help="this node's Node name (NODE_NAME, from the downward API)")
+    k.add_argument("--kube-address-type", default=None,
+                   choices=["InternalIP", "ExternalIP", "Hostname", "InternalDNS",
+                            "ExternalDNS"],
+                   help="the Node address peers are dialled at (default: InternalIP, "
+                   "else ExternalIP)")
     p.set_defaults(func=cmd_daemon)
 
 

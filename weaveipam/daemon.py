@@ -92,6 +92,10 @@ class Config:
     password: bytes | None = field(default=None, repr=False)
     # while rotating: also accepted from peers that dial us (never used to dial)
     second_password: bytes | None = field(default=None, repr=False)
+    # Kubernetes mode (weaveipam.kube.config.KubeSettings), and whether --ipalloc-init or
+    # IPALLOC_INIT was given (else a first start counts Nodes for consensus=N)
+    kube: Any = None
+    init_explicit: bool = True
 
     @property
     def store_path(self) -> Path:
@@ -171,6 +175,7 @@ class Daemon:
         self._socket_path: Path | None = None
         self._seen_conns: set[tuple[str, str, bool]] = set()
         self.metrics: Any = None
+        self.kube: Any = None  # weaveipam.kube.mode.KubeMode in Kubernetes mode
 
     # ---- public --------------------------------------------------------------------------
 
@@ -190,6 +195,11 @@ class Daemon:
             await self._stop.wait()
         finally:
             await self.shutdown()
+
+    @property
+    def stop_requested(self) -> asyncio.Event:
+        """Set by SIGTERM/SIGINT: long waits during start-up end on it."""
+        return self._stop
 
     def request_stop(self) -> None:
         if not self._stop.is_set():
@@ -252,6 +262,11 @@ class Daemon:
         snap = self._load(self.store)
         self.name = self._resolve_name(snap)
         self._check_identity(snap)
+        if cfg.kube is not None:
+            from .kube.mode import make  # the client library only in Kubernetes mode
+
+            self.kube = make(self, cfg.kube)
+            await self.kube.before_allocator(first_start=snap.ring is None)
         try:
             self.alloc = Allocator(name=self.name, nickname=cfg.nickname, universe=cfg.universe,
                                    init=cfg.init, rng=random.Random(),
@@ -294,6 +309,8 @@ class Daemon:
         if cfg.pod_routes:
             from .routes import keep_routes
             self._tasks.append(asyncio.create_task(keep_routes(self), name="weaveipam-routes"))
+        if self.kube is not None:
+            self.kube.start()
 
         log.info("weaveipam %s(%s) started: range %s, init %s, peer port %d, %d peer(s) "
                  "given, peer encryption %s, API on %s%s, status on %s, state %s",
@@ -630,6 +647,8 @@ class Daemon:
         an heir) is failed with "shutting down"; only batches already being committed are
         waited for.  Then close the servers, the mesh and the store."""
         self.stopping = True
+        if self.kube is not None:
+            await self.kube.stop()
         # Nothing more reaches the engine: waiting work could only finish by handing out
         # an address nobody may hear about, and a peer's message could make it promise
         # what it can no longer keep.

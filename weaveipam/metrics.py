@@ -93,6 +93,15 @@ class _IpamCollector(Collector):
         yield GaugeMetricFamily("weaveipam_peer_auth_second_password",
                                 "1 while a second password is accepted too (rotation).",
                                 value=1.0 if d.cfg.second_password is not None else 0.0)
+        if d.kube is not None:
+            st = d.kube.status()
+            k = CounterMetricFamily("weaveipam_kube_reclaims",
+                                    "Peers of deleted Nodes this peer reclaimed (rmpeer).")
+            k.add_metric([], st.get("reclaimed_total", 0))
+            yield k
+            yield GaugeMetricFamily("weaveipam_kube_api_problems",
+                                    "Kubernetes API areas (nodes, peer map) failing now.",
+                                    value=len(st.get("problems", {})))
         if d.store is not None:
             c = CounterMetricFamily("weaveipam_store_transactions",
                                     "Store transactions committed (fsyncs).")

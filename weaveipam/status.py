@@ -140,6 +140,10 @@ def status_text(d: Daemon) -> str:
     hint = advice(d)
     if hint and hint != weave_state(d):
         out.append(f"{'':>15}  {hint}")
+    if d.kube is not None:
+        out.append("")
+        out += [f"{'Kubernetes' if i == 0 else '':>15}{':' if i == 0 else ' '} {line}"
+                for i, line in enumerate(d.kube.lines())]
     if conns:  # like `weave status connections`
         out.append("")
         for c in conns:
@@ -200,6 +204,8 @@ def report(d: Daemon) -> dict[str, Any]:
     px = a.paxos_view()
     if px is not None:
         out["paxos"] = px
+    if d.kube is not None:
+        out["kubernetes"] = d.kube.status()
     return out
 
 

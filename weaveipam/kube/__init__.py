@@ -1,0 +1,1 @@
+"""Kubernetes mode: peers, consensus count and reclaim from the API server."""
