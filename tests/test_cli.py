@@ -97,9 +97,12 @@ def test_reset_hands_ranges_away_and_discards_state(cluster: Cluster) -> None:
     a.allocate("a1")
     b.allocate("b1")
     share = a.report()["size"]
-    r = cli(b, "reset")
+    r = cli(b, "reset")  # b1 is still allocated: refused, nothing changed
+    assert r.returncode == 1 and "still allocated" in r.stderr and "--force" in r.stderr
+    assert b.lookup("b1")
+    r = cli(b, "reset", "--force")
     assert r.returncode == 0, r.stderr
-    assert "handed" in r.stdout
+    assert "handed" in r.stdout and "dropped 1 allocations" in r.stdout
     assert b.proc is not None and b.proc.wait(20) == 0
     assert not b.socket.exists()
     # a owns the whole range now, and b's state is gone

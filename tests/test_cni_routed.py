@@ -181,7 +181,7 @@ def test_routes_follow_the_ring(nodes: list[ChaosNode]) -> None:
         ping(pods[0][0], pods[1][1])
 
         # reset: nothing the daemon added survives, and the peer stops routing via it
-        code, body = api(n1, "DELETE", "/peer")
+        code, body = api(n1, "DELETE", "/peer?force=true")  # its pods are still there
         assert code in (200, 204), body
         wait_for(lambda: routes(n1) == [], timeout=10, what="no routes after reset")
         wait_for(lambda: n1.addr not in via(n0), timeout=15,

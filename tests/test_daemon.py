@@ -237,7 +237,8 @@ def test_state_for_another_range_refuses_with_discard_command(cluster: Cluster) 
     assert n.stop() == 0
     # the discard command given works, and then the new range starts
     rc = subprocess.run([sys.executable, "-m", "weaveipam", "reset", "--data-dir",
-                         str(n.data_dir), "--socket", str(n.socket)], capture_output=True,
+                         str(n.data_dir), "--socket", str(n.socket), "--force"],
+                        capture_output=True,
                         text=True, timeout=30, env={"PYTHONPATH": str(REPO)})
     assert rc.returncode == 0, rc.stderr
     n.range = "10.40.0.0/16"

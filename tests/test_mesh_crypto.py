@@ -507,7 +507,7 @@ _LOCAL = ("--host", "127.0.0.1", "--port", "0", "--http-addr", "", "--status-add
 def _kube_env() -> dict[str, str]:
     """What a pod sees; the address is ours (nothing listens on that loopback port)."""
     return {"KUBERNETES_SERVICE_HOST": "127.0.0.1",
-            "KUBERNETES_SERVICE_PORT": str(free_ports(1)[0])}
+            "KUBERNETES_SERVICE_PORT": str(free_ports(1)[0]), "NODE_NAME": "node-a"}
 
 
 def test_kubernetes_mode_without_password_refuses_to_start(tmp_path: Path) -> None:
@@ -544,7 +544,9 @@ def test_password_file_and_insecure_flag_mistakes_are_usage_errors(tmp_path: Pat
 
 
 def test_insecure_peers_starts_and_warns_at_every_start(cluster: Cluster) -> None:  # noqa: F811
-    (n,) = cluster.add(1, init="consensus=1", extra=["--insecure-peers"], start=False)
+    # --no-kube: no API server here; the peer-auth rule still sees KUBERNETES_SERVICE_HOST
+    (n,) = cluster.add(1, init="consensus=1", extra=["--insecure-peers", "--no-kube"],
+                       start=False)
     n.env = _kube_env()
     n.start()
     warning = "peer traffic is NOT authenticated or encrypted: anyone who can reach peer port"
@@ -556,7 +558,7 @@ def test_insecure_peers_starts_and_warns_at_every_start(cluster: Cluster) -> Non
     assert n.allocate("pod").startswith("10.")
     # the environment variable does the same, and the warning comes at every start
     assert n.stop() == 0
-    n.extra, n.env = [], {**_kube_env(), "WEAVEIPAM_INSECURE_PEERS": "1"}
+    n.extra, n.env = ["--no-kube"], {**_kube_env(), "WEAVEIPAM_INSECURE_PEERS": "1"}
     n.start()
     wait_for(lambda: n.log.read_text().count(warning) == 2, what="second warning")
 

@@ -280,11 +280,16 @@ def _discard(data_dir: Path, force: bool) -> int:
 
 def _held_offline(store_path: Path) -> int:
     """Allocations recorded in a stopped daemon's store."""
-    from .store import Store
+    from .store import Store, StoreError
 
-    s = Store(store_path)
+    try:
+        s = Store(store_path)
+    except StoreError:
+        return 0  # not a usable store: nothing in it can be read, let alone held
     try:
         return sum(len(a) for a in s.load().allocations.values())
+    except StoreError:
+        return 0
     finally:
         s.close()
 

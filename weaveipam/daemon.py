@@ -370,7 +370,7 @@ class Daemon:
     def _discard_hint(self) -> str:
         d = self.cfg.data_dir
         return (f"To discard it (this peer's recorded allocations are lost), run "
-                f"`weaveipam reset --data-dir {d}` or delete {self.cfg.store_path}* "
+                f"`weaveipam reset --data-dir {d} --force` or delete {self.cfg.store_path}* "
                 "while the daemon is stopped")
 
     def _resolve_name(self, snap: Snapshot) -> str:

@@ -100,7 +100,9 @@ class RingSync(Takeover):
               and (cur := self.ring.entries.get(t)) is not None and cur[1] == sender
               and cur[0] >= e[0]]
         if ok:
-            self._send(sender, {"t": "used-ok", "tok": ok})
+            # offsets from the range's start: IPv6 addresses do not fit msgpack's integers
+            u = self.universe.start
+            self._send(sender, {"t": "used-ok", "tok": [t - u for t in ok]})
         return err
 
     def _on_used_ok(self, msg: dict[str, Any]) -> str | None:
@@ -108,7 +110,8 @@ class RingSync(Takeover):
         if not isinstance(toks, list) or len(toks) > 1024 or \
                 not all(type(t) is int for t in toks):
             return "used-ok without a token list"
-        mine = {t for t in toks if (e := self.ring.entries.get(t)) is not None
+        u = self.universe.start
+        mine = {u + t for t in toks if (e := self.ring.entries.get(u + t)) is not None
                 and e[1] == self.name}
         if mine - self.witnessed:
             self.witnessed |= mine
