@@ -168,6 +168,9 @@ class Daemon:
         self._socket_path: Path | None = None
         self._seen_conns: set[tuple[str, str, bool]] = set()
         self.metrics: Any = None
+        self.started = False  # "stopped" is logged only for a daemon that started
+        # recent allocator events (takeovers, donations, seeding) for the status page
+        self.events: collections.deque[tuple[float, str, str]] = collections.deque(maxlen=50)
 
     # ---- public --------------------------------------------------------------------------
 
@@ -269,7 +272,9 @@ class Daemon:
             await self.mesh.start()
         except MeshError as e:
             self.mesh = None
-            raise StartupError(f"peer network: {e}") from e
+            hint = ("; another process holds it: give this daemon a free --port (or "
+                    "another --host)" if "cannot listen" in str(e) else "")
+            raise StartupError(f"peer network: {e}{hint}") from e
         for host, port in cfg.peers:
             try:
                 self.mesh.add_peer(host, port)
@@ -277,6 +282,7 @@ class Daemon:
                 log.warning("ignoring peer %s:%d: %s", host, port, e)
         await self._start_servers()
         self._tasks.append(asyncio.create_task(self._ticker(), name="weaveipam-tick"))
+        self.started = True
 
         log.info("weaveipam %s(%s) started: range %s, init %s, peer port %d, %d peer(s) "
                  "given, peer encryption %s, API on %s%s, status on %s, state %s",
@@ -292,7 +298,8 @@ class Daemon:
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(d / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as e:
-            raise StartupError(f"cannot use data dir {d}: {e}") from e
+            raise StartupError(f"cannot use data dir {d}: {e.strerror or e}; give --data-dir "
+                               "a directory this user can write") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -371,6 +378,8 @@ class Daemon:
             os.umask(old)
         os.chmod(sock, 0o600)
         self._socket_path = sock
+        # `weaveipam CMD --data-dir DIR` finds this daemon's socket from its data dir
+        (cfg.data_dir / "api-socket").write_text(f"{sock.absolute()}\n")
         if cfg.http_addr is not None:
             host, port = cfg.http_addr
             if not is_loopback(host):
@@ -441,6 +450,7 @@ class Daemon:
                 records.append(o.record)
             elif isinstance(o, Event):
                 log.log(_LEVELS.get(o.level, logging.INFO), "%s", o.text)
+                self.events.append((time.time(), o.level, o.text))
             else:
                 deliver.append(o)
         if not records and (self._tail is None or self._tail.done()):
@@ -630,7 +640,8 @@ class Daemon:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
-        log.info("stopped")
+        if self.started:
+            log.info("stopped")
 
 
 def _log_tasks() -> None:
