@@ -211,7 +211,8 @@ def report(d: Daemon) -> dict[str, Any]:
     entries = []
     for s, e, (ver, peer, free) in a.ring.iter_ranges():
         # peer "" is a boundary marker: a segment whose owner we have not heard of yet
-        entries.append({"token": fmt(s, bits), "size": e - s, "peer": peer or None,
+        entries.append({"token": fmt(s, bits), "last": fmt(e - 1, bits),
+                        "offset": s - a.universe.start, "size": e - s, "peer": peer or None,
                         "nickname": d.peer_nickname(peer) if peer else "",
                         "reachable": peer == a.name or peer in live,
                         "version": ver, "free": free})
@@ -332,6 +333,9 @@ def add_status_routes(app: web.Application, d: Daemon) -> None:
 
 
 def make_status_app(d: Daemon) -> web.Application:
+    from .web import add_page_route
+
     app = web.Application(client_max_size=64 * 1024)
     add_status_routes(app, d)
+    add_page_route(app)  # the live page at `/`, on the status port only
     return app
