@@ -81,8 +81,9 @@ def check_cidr(text: str, *, min_size: int = 1) -> ipaddress.IPv4Network | ipadd
 
 
 def check_port(text: str) -> int:
-    if not text.strip().isdigit() or not 1 <= int(text) <= 65535:
-        raise ValueError("not a port: give a number from 1 to 65535")
+    """0 is allowed: the kernel picks one (for a peer that only dials out)."""
+    if not text.strip().isdigit() or not 0 <= int(text) <= 65535:
+        raise ValueError("not a port: give a number from 1 to 65535 (0: any free one)")
     return int(text)
 
 
@@ -158,8 +159,6 @@ def check_hostport(default_port: int) -> Any:
         if not text.strip():
             return None  # empty: the server is disabled
         host, port = _hostport(text, default_port)
-        if port == 0 and text.strip().endswith(":0"):
-            raise ValueError("port 0: give a port from 1 to 65535")
         check_host(host)
         return host, port
     return check
