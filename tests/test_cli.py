@@ -156,7 +156,8 @@ def test_every_flag_value_is_checked(tmp_path: Path) -> None:
     assert not (tmp_path / "d").exists()  # nothing was started or created
     # the environment is checked the same way
     r = run("daemon", *d, env={"WEAVEIPAM_OP_TIMEOUT": "soon"})
-    assert r.returncode == 2 and "--op-timeout" in r.stderr, r.stderr
+    assert r.returncode == 2, r.stderr
+    assert "argument --op-timeout: 'soon' (from WEAVEIPAM_OP_TIMEOUT)" in r.stderr, r.stderr
     r = run("daemon", *d, env={"PEERS": "127.0.0.1:6783 [::1"})
     assert r.returncode == 2 and "PEERS" in r.stderr, r.stderr
 

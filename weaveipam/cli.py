@@ -171,13 +171,15 @@ def check_peer(text: str) -> tuple[str, int]:
     return host, port
 
 
-def _arg(check: Any) -> Any:
-    """An argparse type from a checker: its ValueError message becomes the usage error."""
+def _arg(check: Any, env: str | None = None) -> Any:
+    """An argparse type from a checker: its ValueError message becomes the usage error
+    (saying so when the value came from the environment variable `env`)."""
     def conv(text: str) -> Any:
         try:
             return check(text)
         except ValueError as e:
-            raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+            where = f" (from {env})" if env and os.environ.get(env) == text else ""
+            raise argparse.ArgumentTypeError(f"{text!r}{where}: {e}") from None
     conv.__name__ = getattr(check, "__name__", "value")
     return conv
 
@@ -665,7 +667,7 @@ def _daemon_parser(sub: Any) -> None:
                               "metavar": f.metavar,
                               "dest": f.names[0].lstrip("-").replace("-", "_")}
         if f.check is not None:
-            kw["type"] = _arg(f.check)
+            kw["type"] = _arg(f.check, f.env)
         if f.action:
             kw["action"] = f.action  # --peer: PEERS is read by cmd_daemon (a list)
         else:
