@@ -79,6 +79,9 @@ def test_errors_exit_nonzero_and_change_nothing(node: Node) -> None:
         r = cli(node, *args)
         assert r.returncode == code, (args, r.returncode, r.stderr)
         assert r.stderr.startswith("weaveipam: "), (args, r.stderr)
+    for args in (("ls", "--http", "127.0.0.1:99999"), ("ls", "--http", "bad host")):
+        r = run(*args)
+        assert r.returncode == 2 and r.stderr.startswith("weaveipam: --http "), r.stderr
     assert node.api("GET", "/ip")[1] == before
     r = run("bogus-command")
     assert r.returncode == 2
@@ -144,6 +147,7 @@ def test_every_flag_value_is_checked(tmp_path: Path) -> None:
         (["--host", "not a host"], "not an IP address or host name"),
         (["--peer", "[::1"], "missing ']'"),
         (["--data-dir", str(afile)], "not a directory"),
+        (["--socket", "/tmp/" + "s" * 120], "at most 107 bytes"),
     ]
     for args, why in cases:
         r = run("daemon", *d, *args) if args[0] != "--data-dir" else run("daemon", *args)

@@ -144,6 +144,14 @@ def check_data_dir(text: str) -> Path:
     return p
 
 
+def check_socket(text: str) -> str:
+    n = len(os.fsencode(text))  # empty: the default
+    if n > 107:  # sun_path holds 108 bytes with the terminating NUL
+        raise ValueError(f"a unix socket path must be at most 107 bytes, this one is {n}: "
+                         "choose a shorter one")
+    return text
+
+
 def _hostport(text: str, default_port: int) -> tuple[str, int]:
     """The daemon's parser, with its messages not quoting the value again."""
     from .daemon import parse_hostport
@@ -290,6 +298,15 @@ SOCKET_RECORD = "api-socket"  # the daemon writes its socket's path here, for `-
 def _client(args: argparse.Namespace) -> Client:
     sock = args.socket or _env("WEAVEIPAM_SOCKET")
     http = args.http or _env("WEAVEIPAM_HTTP")
+    if http:  # checked here: a bad address is bad usage, not an unreachable daemon
+        text = http.removeprefix("http://").rstrip("/")
+        try:
+            host, port = _hostport(text, 6784)
+            check_host(host)
+        except ValueError as e:
+            src = "--http" if args.http else "WEAVEIPAM_HTTP"
+            _die(f"{src} {http!r}: {e}", EXIT_USAGE)
+        http = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if not sock and not http:
         from .daemon import default_socket  # cheap: no aiohttp at import time
 
@@ -631,7 +648,7 @@ DAEMON_FLAGS = [
          "durable state (--db-prefix is Weave's name for it)", check_data_dir, "DIR"),
     Flag(("--socket",), "WEAVEIPAM_SOCKET", None,
          "local API unix socket, mode 0600 (default: /run/weave-ipam/ipam.sock as root, "
-         "else DIR/ipam.sock)", None, "PATH"),
+         "else DIR/ipam.sock)", check_socket, "PATH"),
     Flag(("--http-addr",), "WEAVEIPAM_HTTP_ADDR", "127.0.0.1:6784",
          "local API over TCP, Weave's port; empty disables; warns if not loopback",
          check_hostport(6784), "HOST:PORT"),
@@ -690,7 +707,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"Exit codes: {EXIT_CODES}. `weaveipam COMMAND --help` for each command.")
     ap.add_argument("--version", action="version", version=f"weaveipam {__version__}")
     common = _Parser(add_help=False)
-    common.add_argument("--socket", help="the daemon's unix socket (env WEAVEIPAM_SOCKET; "
+    common.add_argument("--socket", type=_arg(check_socket),
+                        help="the daemon's unix socket (env WEAVEIPAM_SOCKET; "
                         "default: /run/weave-ipam/ipam.sock as root, else ./.weaveipam/"
                         "ipam.sock)")
     common.add_argument("--http", metavar="HOST:PORT", help="the daemon's API over TCP "
