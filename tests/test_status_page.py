@@ -74,7 +74,6 @@ def test_status_page_shows_the_ring_live(cluster: Cluster, browser: Any,
     page.wait_for_function("Number(document.body.dataset.updates || 0) >= 1", timeout=30_000)
 
     # one arc per ring entry, each sized by its share of the range, a colour per peer
-    report = a.report()
     wait_for(lambda: len(_arcs(page)) == len(a.report()["entries"]), timeout=10,
              what="one arc per ring entry")
     report = a.report()
@@ -122,6 +121,15 @@ def test_status_page_shows_the_ring_live(cluster: Cluster, browser: Any,
     if keep:
         shutil.copyfile(shot, keep)
     print(f"hatched {hatched_after:.2f} s after SIGKILL; screenshot {shot}")
+
+    # rmpeer: the dead peer's arcs go to its heir and the page lists the removal
+    code, body = a.api("DELETE", f"/peer/{dead.name}")
+    assert code == 200, body
+    heir = a.report()["removed"][dead.name]
+    page.wait_for_function(
+        f"!document.querySelector('#ring path.arc[data-peer=\"{dead.name}\"]') && "
+        f"document.querySelector('#events').innerText.includes('{dead.name} → {heir}')",
+        timeout=30_000)
     assert not foreign, f"the page loaded something from elsewhere: {foreign}"
 
 

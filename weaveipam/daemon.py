@@ -449,8 +449,7 @@ class Daemon:
             if isinstance(o, Persist):
                 records.append(o.record)
             elif isinstance(o, Event):
-                log.log(_LEVELS.get(o.level, logging.INFO), "%s", o.text)
-                self.events.append((time.time(), o.level, o.text))
+                self._event(o)
             else:
                 deliver.append(o)
         if not records and (self._tail is None or self._tail.done()):
@@ -500,6 +499,11 @@ class Daemon:
                     log.warning("could not send %s to %s: %s", o.msg.get("t"),
                                 o.dest or "neighbours", e)
 
+    def _event(self, e: Event) -> None:
+        """Log an allocator event, and keep it for the status page's recent events."""
+        log.log(_LEVELS.get(e.level, logging.INFO), "%s", e.text)
+        self.events.append((time.time(), e.level, e.text))
+
     def _gossip(self, msg: dict[str, Any]) -> None:
         """Push gossip: at most GOSSIP_FANOUT random direct neighbours (as the simulator)."""
         assert self.mesh is not None
@@ -524,7 +528,7 @@ class Daemon:
         records = [o.record for o in outs if isinstance(o, Persist)]
         for o in outs:
             if isinstance(o, Event):
-                log.log(_LEVELS.get(o.level, logging.INFO), "%s", o.text)
+                self._event(o)
         if records:
             try:
                 await self.store.commit(records)
