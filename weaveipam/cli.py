@@ -179,12 +179,14 @@ def check_peer(text: str) -> tuple[str, int]:
     return host, port
 
 
-def _arg(check: Any, env: str | None = None) -> Any:
+def _arg(check: Any, env: str | None = None, keep_text: bool = False) -> Any:
     """An argparse type from a checker: its ValueError message becomes the usage error
-    (saying so when the value came from the environment variable `env`)."""
+    (saying so when the value came from the environment variable `env`).  With
+    `keep_text` the value stays the text given, checked (as the daemon's args always were)."""
     def conv(text: str) -> Any:
         try:
-            return check(text)
+            value = check(text)
+            return text if keep_text else value
         except ValueError as e:
             where = f" (from {env})" if env and os.environ.get(env) == text else ""
             raise argparse.ArgumentTypeError(f"{text!r}{where}: {e}") from None
@@ -527,7 +529,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     if default_subnet is not None and not universe.contains_cidr(default_subnet):
         _die(f"--ipalloc-default-subnet {default_subnet} is not inside --ipalloc-range "
              f"{universe}", EXIT_USAGE)
-    peers = list(args.peers) + list(args.peer or [])
+    peers = [check_peer(p) for p in list(args.peers) + list(args.peer or [])]
     env_peers = _env("PEERS")
     if env_peers:
         for p in env_peers.replace(",", " ").split():
@@ -535,6 +537,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
                 peers.append(check_peer(p))
             except ValueError as e:
                 _die(f"PEERS: {p!r}: {e}", EXIT_USAGE)
+    http_addr = check_hostport(6784)(args.http_addr or "")
+    status_addr = check_hostport(6782)(args.status_addr or "")
     _import_aiohttp()
     # the nickname on every line: several daemons can share one terminal (the README's
     # 3-node example) and still be told apart
@@ -546,7 +550,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
                  peers=peers, host=args.host, port=args.port, conn_limit=args.conn_limit,
                  name=args.name or None, nickname=nickname,
                  socket=Path(args.socket) if args.socket else None,
-                 http_addr=args.http_addr, status_addr=args.status_addr,
+                 http_addr=http_addr, status_addr=status_addr,
                  op_timeout=args.op_timeout, password=password)
     daemon = Daemon(cfg)
     factory: Any = None
@@ -606,6 +610,10 @@ def _read_password(args: argparse.Namespace) -> bytes | None:
     return str(args.password).encode()
 
 
+def check_range(text: str) -> Any:
+    return check_cidr(text, min_size=4)  # a /30: two usable addresses
+
+
 @dataclass(frozen=True)
 class Flag:
     """One daemon flag: the README's table is checked against this list (tests/test_cli)."""
@@ -616,31 +624,32 @@ class Flag:
     check: Any = None
     metavar: str | None = None
     action: str | None = None
+    # checked, but kept as the text given: cmd_daemon and callers parse these themselves
+    keep_text: bool = True
 
 
 DAEMON_FLAGS = [
     Flag(("--ipalloc-range",), "IPALLOC_RANGE", DEFAULT_RANGE,
-         "the whole cluster's range; IPv6 works (fd00:32::/108)",
-         lambda t: check_cidr(t, min_size=4), "CIDR"),
+         "the whole cluster's range; IPv6 works (fd00:32::/108)", check_range, "CIDR"),
     Flag(("--ipalloc-default-subnet",), "IPALLOC_DEFAULT_SUBNET", None,
-         "where a plain allocation lands (default: the whole range)",
-         lambda t: check_cidr(t, min_size=4), "CIDR"),
+         "where a plain allocation lands (default: the whole range)", check_range, "CIDR"),
     Flag(("--ipalloc-init",), "IPALLOC_INIT", "consensus=1",
          "consensus=N, seed=NAME,... or observer", None, "MODE"),
     Flag(("--peer",), "PEERS", None, "HOST[:PORT] of another daemon (port 6783 by default); "
          "repeatable, as are the PEER arguments; PEERS is a space- or comma-separated list",
          check_peer, "HOST[:PORT]", "append"),
-    Flag(("--port",), "WEAVEIPAM_PORT", "6783", "peer listen port", check_port, "PORT"),
+    Flag(("--port",), "WEAVEIPAM_PORT", "6783", "peer listen port", check_port, "PORT",
+         keep_text=False),
     Flag(("--host",), "WEAVEIPAM_HOST", "0.0.0.0",
          "peer listen address; 127.0.0.1 keeps a try-out on one machine to itself",
          check_host, "ADDR"),
     Flag(("--conn-limit",), "CONN_LIMIT", "100",
          "peers learned through gossip are dialled up to this many connections",
-         check_count, "N"),
+         check_count, "N", keep_text=False),
     Flag(("--name",), "WEAVEIPAM_NAME", None,
          "peer name, 48-bit and MAC-like as in Weave, e.g. 02:00:00:00:00:01 (default: "
          "derived from the machine id and the data dir, and kept there)",
-         check_mac_name, "NAME"),
+         check_mac_name, "NAME", keep_text=False),
     Flag(("--nickname",), "WEAVEIPAM_NICKNAME", None,
          "shown beside the name and at the start of every log line (default: the host name)",
          check_nickname, "NICK"),
@@ -662,9 +671,10 @@ DAEMON_FLAGS = [
     Flag(("--password-file",), None, None,
          "read the password from this file (a trailing newline is ignored)", None, "FILE"),
     Flag(("--op-timeout",), "WEAVEIPAM_OP_TIMEOUT", "30",
-         "seconds an allocation may wait for consensus or space", check_seconds, "SECONDS"),
+         "seconds an allocation may wait for consensus or space", check_seconds, "SECONDS",
+         keep_text=False),
     Flag(("--log-level",), "WEAVEIPAM_LOG_LEVEL", "info", "debug, info, warning or error",
-         check_level, "LEVEL"),
+         check_level, "LEVEL", keep_text=False),
 ]
 
 
@@ -674,7 +684,7 @@ def _daemon_parser(sub: Any) -> None:
         description="Run the IPAM daemon. Every flag can also come from its environment "
         "variable (env); a flag given on the command line wins.",
         epilog=f"Exit codes: {EXIT_CODES}.")
-    p.add_argument("peers", nargs="*", metavar="PEER", type=_arg(check_peer),
+    p.add_argument("peers", nargs="*", metavar="PEER", type=_arg(check_peer, keep_text=True),
                    help="HOST[:PORT] of another daemon (port 6783 by default); every node may "
                    "get the same list: its own address in it is recognised and skipped")
     for f in DAEMON_FLAGS:
@@ -684,7 +694,7 @@ def _daemon_parser(sub: Any) -> None:
                               "metavar": f.metavar,
                               "dest": f.names[0].lstrip("-").replace("-", "_")}
         if f.check is not None:
-            kw["type"] = _arg(f.check, f.env)
+            kw["type"] = _arg(f.check, f.env, f.keep_text)
         if f.action:
             kw["action"] = f.action  # --peer: PEERS is read by cmd_daemon (a list)
         else:
