@@ -294,9 +294,6 @@ def _ip_prefix(text: str) -> tuple[str, str | None]:
     return ip, prefix or None
 
 
-SOCKET_RECORD = "api-socket"  # the daemon writes its socket's path here, for `--data-dir`
-
-
 def _client(args: argparse.Namespace) -> Client:
     sock = args.socket or _env("WEAVEIPAM_SOCKET")
     http = args.http or _env("WEAVEIPAM_HTTP")
@@ -310,7 +307,7 @@ def _client(args: argparse.Namespace) -> Client:
             _die(f"{src} {http!r}: {e}", EXIT_USAGE)
         http = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if not sock and not http:
-        from .daemon import default_socket  # cheap: no aiohttp at import time
+        from .daemon import SOCKET_RECORD, default_socket  # cheap: no aiohttp imported
 
         given = args.data_dir or _env("WEAVEIPAM_DATA_DIR")
         data_dir = Path(given or DEFAULT_DATA_DIR)

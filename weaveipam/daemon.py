@@ -47,6 +47,7 @@ log = logging.getLogger("weaveipam.daemon")
 
 STORE_FILE = "ipam.db"
 LOCK_FILE = "lock"
+SOCKET_RECORD = "api-socket"  # the socket's path, for clients given only --data-dir
 TICK = 0.1
 DEFAULT_PORT = 6783
 MESH_STOP_TIMEOUT = 3.0
@@ -379,7 +380,7 @@ class Daemon:
         os.chmod(sock, 0o600)
         self._socket_path = sock
         # `weaveipam CMD --data-dir DIR` finds this daemon's socket from its data dir
-        (cfg.data_dir / "api-socket").write_text(f"{sock.absolute()}\n")
+        (cfg.data_dir / SOCKET_RECORD).write_text(f"{sock.absolute()}\n")
         if cfg.http_addr is not None:
             host, port = cfg.http_addr
             if not is_loopback(host):
