@@ -13,7 +13,7 @@ from weaveipam.cni.config import HEADERS
 from weaveipam.cni.service import CniService
 from weaveipam.core.addr import CIDR
 from weaveipam.core.allocator import Allocator, InitMode, Reply, Request
-from weaveipam.daemon import ApiError
+from weaveipam.node import ApiError
 
 
 class FakeDaemon:

@@ -20,10 +20,13 @@ class NodeClient:
             connector=aiohttp.UnixConnector(path=str(node.socket), limit=limit),
             headers={"Accept": "text/plain"})
 
-    async def call(self, method: str, path: str, timeout: float = 8.0) -> Answer:
+    async def call(self, method: str, path: str, timeout: float = 8.0,
+                   accept_json: bool = False) -> Answer:
+        """Weave's text answers, or ours (JSON: precise status codes) with accept_json."""
+        headers = {"Accept": "application/json"} if accept_json else None
         try:
             async with self.session.request(
-                    method, "http://localhost" + path,
+                    method, "http://localhost" + path, headers=headers,
                     timeout=aiohttp.ClientTimeout(total=timeout)) as r:
                 return r.status, await r.text()
         except (TimeoutError, aiohttp.ClientError, OSError) as e:

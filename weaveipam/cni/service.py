@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from ..core.addr import Range, fmt
 from ..core.allocator import Allocate, Allocator, Claim, Lookup, Prime, Release, Request
-from ..daemon import ApiError
+from ..node import ApiError
 from .config import (
     E_CONFLICT,
     E_INTERNAL,

@@ -63,6 +63,7 @@ class Claim:
     ident: str
     addr: int
     note: str = ""
+    prefix: int | None = None  # the subnet's prefix length, kept with the allocation
 
 
 @dataclass(frozen=True)
@@ -194,6 +195,7 @@ class Allocator:
             self.paxos = Paxos(name, init.count // 2 + 1)
         self.allocs: dict[str, dict[int, str]] = {}
         self.holder: dict[int, str] = {}
+        self.prefixes: dict[int, int] = {}  # address -> prefix length it was handed out in
         self.peers: dict[str, PeerView] = {}
         self._reach: set[str] = set()
         self.pending: list[_Pending] = []
@@ -261,6 +263,8 @@ class Allocator:
                     self.holder[a] = ident
                     self.space.take(a)
                     self.cursor = a
+                    if (ident, a) in snap.prefixes:
+                        self.prefixes[a] = snap.prefixes[(ident, a)]
             self._owned_changed()
             # Until we hear from a peer, our ring may be stale (ranges taken by rmpeer).
             self.synced = set(self.ring.peers()) <= {self.name}
@@ -460,7 +464,7 @@ class Allocator:
                 return True
         nxt = self.space.next_free(window, self.cursor + 1)
         if nxt is not None:
-            self._hold(req.ident, nxt, req.note)
+            self._hold(req.ident, nxt, req.note, (req.subnet or self.default_subnet).prefix)
             self.cursor = nxt
             self._reply(p.rid, nxt)
             return True
@@ -485,7 +489,7 @@ class Allocator:
                        f"address {self._fmt(req.addr)} is held by {held_by!r}")
             return True
         if self.space.owns(req.addr):
-            self._hold(req.ident, req.addr, req.note)
+            self._hold(req.ident, req.addr, req.note, req.prefix)
             self._reply(p.rid, req.addr)
             return True
         owner = self.ring.owner(req.addr)
@@ -494,11 +498,13 @@ class Allocator:
                    "claim it on that peer's node, or allocate a new one")
         return True
 
-    def _hold(self, ident: str, a: int, note: str) -> None:
+    def _hold(self, ident: str, a: int, note: str, prefix: int | None) -> None:
         self.space.take(a)
         self.allocs.setdefault(ident, {})[a] = note
         self.holder[a] = ident
-        self._persist(PutAllocation(ident, a, note))
+        if prefix is not None:
+            self.prefixes[a] = prefix
+        self._persist(PutAllocation(ident, a, note, prefix))
 
     def _release(self, rid: int, req: Release) -> None:
         addrs = self.allocs.get(req.ident)
@@ -510,6 +516,7 @@ class Allocator:
         for a in gone:
             del addrs[a]
             del self.holder[a]
+            self.prefixes.pop(a, None)
             self.space.free(a)
             self._persist(DelAllocation(req.ident, a))
         if not addrs:
@@ -689,6 +696,7 @@ class Allocator:
         self.pending.clear()
         self.allocs.clear()
         self.holder.clear()
+        self.prefixes.clear()
         self.space = Space()
         self._persist(ClearAllocations())
         self.left = True
@@ -1134,6 +1142,14 @@ class Allocator:
 
     def allocations(self) -> dict[str, dict[int, str]]:
         return self.allocs
+
+    def prefix_of(self, a: int) -> int:
+        """The prefix length `a` was handed out with; for records from before it was
+        kept, the default subnet's (or the range's, outside the default subnet)."""
+        p = self.prefixes.get(a)
+        if p is not None:
+            return p
+        return self.default_subnet.prefix if a in self.default_subnet else self.universe.prefix
 
     def owned_ranges(self) -> list[Range]:
         return self.space.owned()
