@@ -109,6 +109,12 @@ def parse_hostport(text: str, default_port: int | None) -> tuple[str, int]:
             port_s = rest[1:]
     elif t.count(":") == 1:
         host, port_s = t.split(":")
+    elif ":" in t:
+        try:
+            ipaddress.IPv6Address(t)
+        except ValueError:
+            raise ValueError(f"{text!r}: not HOST[:PORT] (write an IPv6 address with a "
+                             "port as [ADDR]:PORT)") from None
     if not port_s:
         if default_port is None:
             raise ValueError(f"{text!r}: needs a port, e.g. 127.0.0.1:6784")

@@ -183,6 +183,8 @@ def report(d: Node) -> dict[str, Any]:
         "peers": [{"name": n, "nickname": v.nickname, "reachable": n in live}
                   for n, v in sorted(a.peers.items())],
         "direct_peers": d.direct_peers(),
+        "owned": {ident: [f"{fmt(x, bits)}/{a.prefix_of(x)}" for x in addrs]
+                  for ident, addrs in a.allocations().items()},
         "connections": [{"name": c.name, "nickname": c.nickname, "address": c.address,
                          "state": c.state, "outbound": c.outbound,
                          "encrypted": c.encrypted, "info": c.info}
