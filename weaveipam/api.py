@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -331,11 +332,18 @@ class Api:
         return render(req, Answer(text="", data={"tracker": None}))
 
     async def _peers_form(self, req: web.Request) -> tuple[list[str], bool]:
-        """Weave's form (query or urlencoded body): `peer` repeated, `replace=true`."""
-        form = await req.post()
-        peers = [str(p) for p in req.query.getall("peer", [])]
-        peers += [str(p) for p in form.getall("peer", [])]
-        replace = (req.query.get("replace") or str(form.get("replace", ""))) == "true"
+        """Weave's form, as Go's ParseForm reads it: the query, and a urlencoded body
+        (others are ignored); `peer` repeated, `replace=true`."""
+        fields = list(req.query.items())
+        if req.content_type == "application/x-www-form-urlencoded":
+            raw = await req.read()
+            try:
+                fields += urllib.parse.parse_qsl(raw.decode(), keep_blank_values=True,
+                                                 errors="strict")
+            except (UnicodeDecodeError, ValueError) as e:
+                raise ApiError("bad-request", f"unable to parse form: {e}") from None
+        peers = [v for k, v in fields if k == "peer"]
+        replace = next((v for k, v in fields if k == "replace"), "") == "true"
         return peers, replace
 
     async def connect(self, req: web.Request) -> web.Response:

@@ -262,7 +262,8 @@ class Daemon:
             except ValueError as e:
                 bad.append(str(e))
                 continue
-            if len(host) > 255 or not host.isprintable() or port == 0:
+            if (len(host) > 255 or not host.isprintable() or port == 0
+                    or any(c.isspace() for c in host)):
                 bad.append(f"{text!r}: not a HOST[:PORT] to dial")
                 continue
             out.append((host, port))
