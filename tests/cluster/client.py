@@ -41,7 +41,7 @@ class NodeClient:
 
     async def owned(self, timeout: float = 10.0) -> dict[str, list[str]] | None:
         """ident -> addresses (without prefix) held by this node, or None if unreachable."""
-        code, body = await self.call("GET", "/ip", timeout)
+        code, body = await self.call("GET", "/ip", timeout, accept_json=True)
         if code != 200:
             return None
         return {o["containerid"]: [a.split("/")[0] for a in o["addrs"]]
