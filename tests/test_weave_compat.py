@@ -12,6 +12,7 @@ with no body.  Our own form (JSON) is checked beside each, so the two never drif
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import socket
 import subprocess
@@ -194,8 +195,19 @@ def test_connected_peers_survive_a_restart() -> None:
                         if late.status("/readyz")[0] == 200 else None,
                         timeout=30, what="observer allocates after connect")
         assert addr.endswith("/12")
+        # a claim of an address in a range the other peer owns: Weave's deniedBy words
+        token = next(e["token"] for e in late.report()["entries"] if e["peer"] == seed.name)
+        other = str(ipaddress.IPv4Address(token) + 5)
+        assert curl(late, "PUT", f"/ip/theirs/{other}/12") == (400, (
+            f"Unable to claim: address {other}/12 is owned by other peer {seed.name} "
+            f"({seed.nickname})\n").encode())
+        code, sub = late.api("POST", "/ip/in-sub/10.32.9.0/24")
+        assert code == 200 and sub.endswith("/24")
         _restart(c, late)
         assert late.report()["direct_peers"] == [seed.peer_addr]
+        # the subnet's prefix is kept across the restart, in Weave's answers and in ls
+        assert late.api("GET", "/ip/in-sub") == (200, sub)
+        assert f"in-sub\t{sub}" in _cli(late, "ls").stdout
         wait_for(lambda: _reachable(late, seed), timeout=30, what="redialled after restart")
         r = _cli(late, "forget", seed.peer_addr)
         assert r.returncode == 0 and "no peers" in r.stdout, r.stderr
