@@ -66,6 +66,12 @@ def ours(node: Node, method: str, path: str) -> tuple[int, dict[str, object]]:
     return code, json.loads(text)
 
 
+def our_refusal(node: Node, method: str, path: str) -> tuple[int, object]:
+    """Our form of a refusal: (status, error code)."""
+    code, js = ours(node, method, path)
+    return code, js["error"]
+
+
 @pytest.fixture(scope="module")
 def weave() -> Iterator[Node]:
     with temp_cluster("wc-") as c:
@@ -115,12 +121,15 @@ def test_claims(weave: Node) -> None:
     assert go(n, "PUT", "/ip/c4/10.32.100.100/12") == (204, b"")
     assert go(n, "PUT", "/ip/c5/10.32.100.100/12") == (
         400, b"Unable to claim: address 10.32.100.100/12 is already owned by c4\n")
-    code, js = ours(n, "PUT", "/ip/c5/10.32.100.100/12")
-    assert code == 409 and js["error"] == "conflict"
+    assert our_refusal(n, "PUT", "/ip/c5/10.32.100.100/12") == (409, "conflict")
     # two addresses for one id: space-separated, in the order they were taken
     assert go(n, "PUT", "/ip/c6/10.32.100.101/12") == (204, b"")
     assert go(n, "PUT", "/ip/c6/10.32.100.102/12") == (204, b"")
     assert go(n, "GET", "/ip/c6") == (200, b"10.32.100.101/12 10.32.100.102/12")
+    # on purpose (README): outside the range is refused, where Weave records it
+    assert go(n, "PUT", "/ip/c7/192.168.1.1/24") == (
+        400, b"Unable to claim: address 192.168.1.1 is not inside the allocation range "
+             b"10.32.0.0/12\n")
 
 
 def test_releases(weave: Node) -> None:
@@ -132,11 +141,12 @@ def test_releases(weave: Node) -> None:
     assert curl(n, "DELETE", "/ip/r1/10.32.0.99") == (
         400, b"Unable to free: Free: address 10.32.0.99 not found for r1\n")
     assert curl(n, "DELETE", "/ip/r1/" + got.split(b"/")[0].decode()) == (204, b"")
+    code, again = go(n, "POST", "/ip/r3")  # on purpose (README): no immediate reuse
+    assert code == 200 and again != got
     assert go(n, "PUT", "/ip/r2/10.32.0.50/12") == (204, b"")
     assert go(n, "DELETE", "/ip/r2") == (204, b"")
     assert go(n, "DELETE", "/ip/r2") == (400, b"Delete: no addresses for r2\n")
-    code, js = ours(n, "DELETE", "/ip/r2")
-    assert code == 404 and js["error"] == "not-found"
+    assert our_refusal(n, "DELETE", "/ip/r2") == (404, "not-found")
     assert go(n, "GET", "/ip/r2") == (200, b"")
 
 
@@ -146,15 +156,13 @@ def test_info_ring_rmpeer_and_routing(weave: Node) -> None:
     assert go(n, "GET", "/ipinfo/tracker") == (200, b"")
     assert curl(n, "GET", "/ring") == (200, b"")
     assert curl(n, "DELETE", "/peer/gone-host") == (200, b"0 IPs taken over from gone-host\n")
-    code, js = ours(n, "DELETE", "/peer/gone-host")
-    assert code == 404 and js["error"] == "not-found"
+    assert our_refusal(n, "DELETE", "/peer/gone-host") == (404, "not-found")
     assert curl(n, "GET", "/nowhere") == (404, b"404 page not found\n")
     assert curl(n, "GET", "/ip/a/b/c/d") == (404, b"404 page not found\n")
     assert curl(n, "GET", "/ip/a/b") == (405, b"")  # mux: the path is DELETE's
     assert curl(n, "PATCH", "/ip/c1") == (405, b"")
     assert curl(n, "POST", "/ipinfo/defaultsubnet") == (405, b"")
-    code, js = ours(n, "PATCH", "/ip/c1")
-    assert code == 405 and js["error"] == "method-not-allowed"
+    assert our_refusal(n, "PATCH", "/ip/c1") == (405, "method-not-allowed")
 
 
 def test_connect_and_forget_forms(weave: Node) -> None:
