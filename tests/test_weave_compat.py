@@ -53,12 +53,21 @@ def curl(node: Node, method: str, path: str, data: list[str] | None = None
     return _send(node, head.encode() + body)
 
 
+HEADERS: dict[tuple[str, str], http.client.HTTPMessage] = {}  # (method, path) -> last
+
+
 def _send(node: Node, raw: bytes) -> tuple[int, bytes]:
     with socket.create_connection(("127.0.0.1", node.http_port), timeout=60) as s:
         s.sendall(raw)
         r = http.client.HTTPResponse(s)
         r.begin()
+        method, path = raw.split(b" ", 2)[:2]
+        HEADERS[(method.decode(), path.decode())] = r.headers
         return r.status, r.read()
+
+
+def content_type(method: str, path: str) -> str | None:
+    return HEADERS[(method, path)].get("Content-Type")
 
 
 def ours(node: Node, method: str, path: str) -> tuple[int, dict[str, object]]:
@@ -91,7 +100,9 @@ def test_allocate_lookup_and_the_subnet_prefix(weave: Node) -> None:
     assert curl(n, "GET", "/ip/c2/10.32.5.0/24") == (200, b"10.32.5.1/24")
     assert curl(n, "GET", "/ip/c2/10.32.6.0/24") == (200, b"")
     assert curl(n, "GET", "/ip/c1/10.32.5.0/24") == (200, b"")
+    assert content_type("GET", "/ip/c2") == "text/plain; charset=utf-8"
     code, body = curl(n, "GET", "/ip")
+    assert content_type("GET", "/ip") == "application/json"
     owned = json.loads(body)["owned"]
     assert body.endswith(b"}\n") and b" " not in body  # Go's encoder: compact, newline
     assert {o["containerid"]: o["addrs"] for o in owned} == {
@@ -112,6 +123,9 @@ def test_refusals_in_weaves_words(weave: Node) -> None:
     assert curl(n, "DELETE", "/ip/x/bogus") == (400, b"invalid IP Address: bogus\n")
     code, js = ours(n, "POST", "/ip/x/10.32.5.7/24")
     assert code == 400 and js["error"] == "bad-request" and "10.32.5.0/24" in str(js["message"])
+    assert content_type("POST", "/ip/x/bogus/24") == "text/plain; charset=utf-8"
+    assert HEADERS[("POST", "/ip/x/bogus/24")]["X-Content-Type-Options"] == "nosniff"
+    assert HEADERS[("POST", "/ip/x/bogus/24")]["X-Weaveipam-Error"] == "bad-request"
     assert go(n, "GET", "/ip/x") == (200, b"")  # nothing was allocated by any of those
 
 

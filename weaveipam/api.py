@@ -76,12 +76,14 @@ def refused(e: ApiError) -> Answer:
 
 
 def render(req: web.Request, ans: Answer) -> web.Response:
-    headers = {ERROR_HEADER: ans.error} if ans.error else None
+    headers = {ERROR_HEADER: ans.error} if ans.error else {}
     if wants_json(req):
         status = ans.json_status or (200 if ans.status == 204 else ans.status)
         return web.json_response(ans.data, status=status, headers=headers)
     if ans.status == 204:
         return web.Response(status=204, headers=headers)
+    if ans.status >= 400:  # Go's http.Error
+        headers["X-Content-Type-Options"] = "nosniff"
     return web.Response(status=ans.status, text=ans.text, headers=headers)
 
 
@@ -116,7 +118,8 @@ async def weave_errors(request: web.Request, handler: Handler) -> web.StreamResp
             return web.json_response(
                 {"error": "no-such-path", "message": f"no such path: {request.path}"},
                 status=404, headers={ERROR_HEADER: "no-such-path"})
-        return web.Response(status=404, text=NOT_FOUND_TEXT)
+        return web.Response(status=404, text=NOT_FOUND_TEXT,
+                            headers={"X-Content-Type-Options": "nosniff"})
 
 
 class Api:
@@ -264,7 +267,8 @@ class Api:
         ans = Answer(text=go_json({"owned": weave or None}) + "\n", data={"owned": ours})
         if wants_json(req):
             return render(req, ans)
-        return web.Response(text=ans.text, content_type="application/json")
+        return web.Response(body=ans.text.encode(),
+                            headers={"Content-Type": "application/json"})
 
     async def release(self, req: web.Request) -> web.Response:
         ident = req.match_info["id"]
