@@ -149,6 +149,9 @@ def test_claims(weave: Node) -> None:
 def test_releases(weave: Node) -> None:
     n = weave
     assert go(n, "GET", "/ip/never") == (200, b"")  # the weave script: 404 = IPAM disabled
+    assert go(n, "GET", "/ip/" + "x" * 300) == (200, b"")
+    assert curl(n, "DELETE", "/ip/never/192.168.1.1") == (
+        400, b"Unable to free: Free: address 192.168.1.1 not found for never\n")
     assert go(n, "DELETE", "/ip/never") == (400, b"Delete: no addresses for never\n")
     code, got = go(n, "POST", "/ip/r1")
     assert code == 200 and got.endswith(b"/12")

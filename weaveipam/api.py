@@ -238,17 +238,17 @@ class Api:
         try:
             addrs: list[int] = await self.d.call(Lookup(ident))
         except ApiError as e:
-            if e.code != "not-found":
+            if e.code == "unavailable":
                 raise
-            addrs = []
+            # Weave: nothing, whatever the id; ours: 404 (none held), 400 (a bad id)
+            return render(req, Answer(text="", json_status=STATUS.get(e.code, 500),
+                                      error=e.code,
+                                      data={"error": e.code, "message": e.message}))
         usable = within.usable()
         texts = [self._text(a) for a in addrs]
         shown = [t for a, t in zip(addrs, texts, strict=True) if a in usable]
-        ans = Answer(text=" ".join(shown), data={"containerid": ident, "addrs": texts})
-        if not addrs:  # ours: nothing held by that ident is a 404 with the reason
-            ans.json_status, ans.error = 404, "not-found"
-            ans.data = {"error": "not-found", "message": f"no addresses for {ident!r}"}
-        return render(req, ans)
+        return render(req, Answer(text=" ".join(shown),
+                                  data={"containerid": ident, "addrs": texts}))
 
     async def lookup(self, req: web.Request) -> web.Response:
         return await self._lookup(req, self.d.allocator.default_subnet)
@@ -279,8 +279,9 @@ class Api:
         try:
             gone = await self.d.call(Release(ident, addr))
         except ApiError as e:
-            if e.code != "not-found":
+            if e.code == "unavailable":
                 raise
+            # Weave knows one refusal: nothing of that id (or that address) is held
             weave = (f"Delete: no addresses for {ident}" if addr is None else
                      f"Unable to free: Free: address {ip} not found for {ident}")
             raise Refusal(e.code, e.message, weave) from None
