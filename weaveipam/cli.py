@@ -183,6 +183,12 @@ def cmd_alloc(args: argparse.Namespace) -> int:
         if prefix is None:
             _die(f"{args.cidr!r}: give a subnet with its prefix length, e.g. 10.32.1.0/24",
                  EXIT_USAGE)
+        import ipaddress
+
+        try:  # the subnet an address is in, as before (the API, as Weave's, wants it exact)
+            ip = str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False).network_address)
+        except ValueError as e:
+            _die(f"{args.cidr!r}: {e}", EXIT_USAGE)
         path += f"/{_q(ip)}/{prefix}"
     _, body = _client(args).call("POST", path, accept_json=True)
     print(json.loads(body)["address"])
