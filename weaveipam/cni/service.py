@@ -137,7 +137,7 @@ class CniService:
         note = pod_note(env.args)
         what = f"ADD {conf.name}/{env.container_id[:12]}/{env.ifname}"
         if conf.static:
-            got = await self._claim_all(ident, conf.static, note, what)
+            got = await self._claim_all(ident, conf, note, what)
         else:
             got = [await self._allocate(ident, conf, note, what)]
         addrs = [(x, subnet_of(x, conf.subnet, a.universe, a.default_subnet).prefix)
@@ -165,14 +165,17 @@ class CniService:
         raise CniError(E_INTERNAL, f"{what}: the allocator keeps handing out the gateway "
                        f"{fmt(addr, self.d.allocator.universe.bits)}")
 
-    async def _claim_all(self, ident: str, want: tuple[int, ...], note: str,
+    async def _claim_all(self, ident: str, conf: NetConf, note: str,
                          what: str) -> list[int]:
-        """Claim every static address or none: a failure releases what this call took."""
+        """Claim every static address or none: a failure releases what this call took.
+        Each keeps the prefix the result gives it."""
+        a = self.d.allocator
         before = set(await self._held(ident, what))
         taken: list[int] = []
         try:
-            for x in want:
-                await self._call(Claim(ident, x, note), what)
+            for x in conf.static:
+                prefix = subnet_of(x, conf.subnet, a.universe, a.default_subnet).prefix
+                await self._call(Claim(ident, x, note, prefix), what)
                 if x not in before:
                     taken.append(x)
         except CniError:
@@ -183,7 +186,7 @@ class CniService:
                     log.error("%s: could not undo the claim of %s: %s", what,
                               fmt(x, self.d.allocator.universe.bits), e.message)
             raise
-        return list(want)
+        return list(conf.static)
 
     async def delete(self, env: Env, conf: NetConf) -> None:
         """Free the key's addresses; nothing held is a success, an unreachable store not."""
