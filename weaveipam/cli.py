@@ -79,12 +79,17 @@ class Client:
             return False
         return True
 
-    def request(self, method: str, path: str, accept_json: bool = False) -> tuple[int, bytes]:
+    def request(self, method: str, path: str, accept_json: bool = False,
+                form: list[tuple[str, str]] | None = None) -> tuple[int, bytes]:
         """Raises OSError when no daemon answers."""
         c = self._conn()
         try:
             headers = {"Accept": "application/json"} if accept_json else {}
-            c.request(method, path, headers=headers)
+            body = None
+            if form is not None:
+                body = urllib.parse.urlencode(form).encode()
+                headers["Content-Type"] = "application/x-www-form-urlencoded"
+            c.request(method, path, body=body, headers=headers)
             r = c.getresponse()
             return r.status, r.read()
         except (http.client.HTTPException, ConnectionError) as e:
@@ -92,11 +97,12 @@ class Client:
         finally:
             c.close()
 
-    def call(self, method: str, path: str, accept_json: bool = False) -> tuple[int, bytes]:
+    def call(self, method: str, path: str, accept_json: bool = False,
+             form: list[tuple[str, str]] | None = None) -> tuple[int, bytes]:
         """Like request, but exits with a clear message when the daemon is unreachable or
         refuses."""
         try:
-            status, body = self.request(method, path, accept_json)
+            status, body = self.request(method, path, accept_json, form)
         except OSError as e:
             _die(f"cannot reach the weaveipam daemon at {self.where()}: {e}; is it running? "
                  "(point at it with --socket, WEAVEIPAM_SOCKET or --http)", EXIT_UNREACHABLE)
@@ -158,7 +164,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    _, body = _client(args).call("GET", "/ip")
+    _, body = _client(args).call("GET", "/ip", accept_json=True)
     owned = json.loads(body)["owned"]
     if args.json:
         print(json.dumps(owned, indent=2))
@@ -177,20 +183,40 @@ def cmd_alloc(args: argparse.Namespace) -> int:
         if prefix is None:
             _die(f"{args.cidr!r}: give a subnet with its prefix length, e.g. 10.32.1.0/24",
                  EXIT_USAGE)
+        import ipaddress
+
+        try:  # the subnet an address is in, as before (the API, as Weave's, wants it exact)
+            ip = str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False).network_address)
+        except ValueError as e:
+            _die(f"{args.cidr!r}: {e}", EXIT_USAGE)
         path += f"/{_q(ip)}/{prefix}"
-    _, body = _client(args).call("POST", path)
-    print(body.decode().strip())
+    _, body = _client(args).call("POST", path, accept_json=True)
+    print(json.loads(body)["address"])
     return EXIT_OK
 
 
 def cmd_claim(args: argparse.Namespace) -> int:
     ident = _ident(args.id)
     ip, prefix = _ip_prefix(args.addr)
-    if prefix is None:
-        prefix = "32" if ":" not in ip else "128"
-    _client(args).call("PUT", f"/ip/{_q(ident)}/{_q(ip)}/{prefix}")
+    c = _client(args)
+    if prefix is None:  # the prefix kept with it: its default subnet's, else the range's
+        prefix = _subnet_prefix(c, ip)
+    c.call("PUT", f"/ip/{_q(ident)}/{_q(ip)}/{prefix}", accept_json=True)
     print(f"{ip} claimed for {ident}")
     return EXIT_OK
+
+
+def _subnet_prefix(c: Client, ip: str) -> str:
+    import ipaddress
+
+    _, body = c.call("GET", "/ipinfo/defaultsubnet", accept_json=True)
+    info = json.loads(body)
+    addr = ipaddress.ip_address(ip)
+    for cidr in (info["subnet"], info["range"]):
+        net = ipaddress.ip_network(cidr)
+        if addr.version == net.version and addr in net:
+            return str(net.prefixlen)
+    return str(addr.max_prefixlen)  # outside the range: the daemon says so
 
 
 def cmd_release(args: argparse.Namespace) -> int:
@@ -209,14 +235,48 @@ def cmd_rmpeer(args: argparse.Namespace) -> int:
     name = args.name
     if not name or "/" in name:
         _die(f"bad peer name {name!r}", EXIT_USAGE)
-    _, body = _client(args).call("DELETE", f"/peer/{_q(name)}")
-    print(body.decode().strip())
+    _, body = _client(args).call("DELETE", f"/peer/{_q(name)}", accept_json=True)
+    res = json.loads(body)
+    if res.get("already"):
+        print(f"0 IPs taken over from {name}: already removed, its ranges went to "
+              f"{res.get('heir')}")
+    else:
+        print(f"{res.get('moved', 0)} IPs taken over from {name}")
     return EXIT_OK
 
 
 def cmd_prime(args: argparse.Namespace) -> int:
-    _, body = _client(args).call("GET", "/ring")
-    print(body.decode().strip())
+    _, body = _client(args).call("GET", "/ring", accept_json=True)
+    print(json.loads(body).get("state", ""))
+    return EXIT_OK
+
+
+def _peer_form(peers: list[str]) -> list[tuple[str, str]]:
+    from .daemon import parse_hostport
+
+    for p in peers:
+        try:
+            parse_hostport(p, 6783)
+        except ValueError as e:
+            _die(f"{e} (give HOST or HOST:PORT)", EXIT_USAGE)
+    return [("peer", p) for p in peers]
+
+
+def cmd_connect(args: argparse.Namespace) -> int:
+    """Weave's `weave connect [--replace] PEER...`: dial these peers, also after restarts."""
+    form = _peer_form(args.peers)
+    if args.replace:
+        form.append(("replace", "true"))
+    _, body = _client(args).call("POST", "/connect", accept_json=True, form=form)
+    print("dialling: " + (" ".join(json.loads(body)["peers"]) or "no peers"))
+    return EXIT_OK
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    """Weave's `weave forget PEER...`: stop dialling them (connections up stay up)."""
+    _, body = _client(args).call("POST", "/forget", accept_json=True,
+                                 form=_peer_form(args.peers))
+    print("dialling: " + (" ".join(json.loads(body)["peers"]) or "no peers"))
     return EXIT_OK
 
 
@@ -302,7 +362,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
     from .core.addr import CIDR, AddrError
     from .core.allocator import InitMode
-    from .daemon import Config, Daemon, StartupError, parse_hostport
+    from .daemon import Config, StartupError, parse_hostport
     from .names import check_name
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
@@ -311,6 +371,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     password, second_password = _read_password(args)
     _check_peer_auth(args, password)  # a refusal here costs no aiohttp import
     _import_aiohttp()
+    from .server import make_daemon
+
     try:
         universe = CIDR.parse(args.ipalloc_range)
         default_subnet = (CIDR.parse(args.ipalloc_default_subnet)
@@ -351,7 +413,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
                  pod_routes=args.pod_routes, kube=kube, init_explicit=init_explicit)
     if args.nickname:
         cfg.nickname = args.nickname
-    daemon = Daemon(cfg)
+    daemon = make_daemon(cfg)
     factory: Any = None
     try:
         import uvloop
@@ -563,6 +625,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rmpeer", parents=[common], help="take over a dead peer's ranges")
     p.add_argument("name", metavar="NAME", help="peer name or nickname")
     p.set_defaults(func=cmd_rmpeer)
+    p = sub.add_parser("connect", parents=[common],
+                       help="dial more peers, kept across restarts (weave connect)")
+    p.add_argument("peers", nargs="+", metavar="HOST[:PORT]")
+    p.add_argument("--replace", action="store_true", help="instead of the current peers")
+    p.set_defaults(func=cmd_connect)
+    p = sub.add_parser("forget", parents=[common],
+                       help="stop dialling peers, also after restarts (weave forget)")
+    p.add_argument("peers", nargs="+", metavar="HOST[:PORT]")
+    p.set_defaults(func=cmd_forget)
     p = sub.add_parser("prime", parents=[common], help="start consensus now")
     p.set_defaults(func=cmd_prime)
     p = sub.add_parser("reset", parents=[common],

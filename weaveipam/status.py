@@ -19,12 +19,12 @@ from .core.allocator import Allocate, Claim
 from .metrics import CONTENT_TYPE, unreachable_owners
 
 if TYPE_CHECKING:
-    from .daemon import Daemon
+    from .node import Node
 
 log = logging.getLogger("weaveipam.status")
 
 
-def state_text(d: Daemon) -> str:
+def state_text(d: Node) -> str:
     """The allocator's explanation, or its bare state if explaining fails."""
     a = d.allocator
     try:
@@ -34,7 +34,7 @@ def state_text(d: Daemon) -> str:
         return a.state()
 
 
-def weave_state(d: Daemon) -> str:
+def weave_state(d: Node) -> str:
     """The one-line IPAM status, in Weave's words where Weave had them."""
     a = d.allocator
     s = a.state()
@@ -60,7 +60,7 @@ def weave_state(d: Daemon) -> str:
             "left": "left (reset)"}.get(s, s)
 
 
-def advice(d: Daemon) -> str | None:
+def advice(d: Node) -> str | None:
     """What the operator should know or do, when the peer is not simply ready."""
     if d.store_error is not None:
         return d.store_error
@@ -77,11 +77,11 @@ def advice(d: Daemon) -> str | None:
     return state_text(d)
 
 
-def _count_active(d: Daemon) -> int:
+def _count_active(d: Node) -> int:
     return sum(len(v) for v in d.allocator.allocations().values())
 
 
-def ipam_text(d: Daemon) -> str:
+def ipam_text(d: Node) -> str:
     """`weave status ipam`: a line per peer owning space, then the state."""
     a = d.allocator
     total = a.universe.size
@@ -109,7 +109,7 @@ def ipam_text(d: Daemon) -> str:
     return "\n".join(lines) + "\n"
 
 
-def encryption_text(d: Daemon) -> str:
+def encryption_text(d: Node) -> str:
     """Weave's "enabled"/"disabled", and whether peers are authenticated (and by which
     passwords, while one is being rotated)."""
     if d.cfg.password is None:
@@ -119,7 +119,7 @@ def encryption_text(d: Daemon) -> str:
     return "enabled (peers authenticated)"
 
 
-def status_text(d: Daemon) -> str:
+def status_text(d: Node) -> str:
     """`weave status`: identity, connections and the IPAM block."""
     a = d.allocator
     conns = d.connections()
@@ -155,7 +155,7 @@ def status_text(d: Daemon) -> str:
     return "\n".join(out) + "\n"
 
 
-def report(d: Daemon) -> dict[str, Any]:
+def report(d: Node) -> dict[str, Any]:
     """Everything an operator or a test needs to see the ring and this peer's view."""
     a = d.allocator
     bits = a.universe.bits
@@ -196,6 +196,9 @@ def report(d: Daemon) -> dict[str, Any]:
         "pending": pending,
         "peers": [{"name": n, "nickname": v.nickname, "reachable": n in live}
                   for n, v in sorted(a.peers.items())],
+        "direct_peers": d.direct_peers(),
+        "owned": {ident: [f"{fmt(x, bits)}/{a.prefix_of(x)}" for x in addrs]
+                  for ident, addrs in a.allocations().items()},
         "connections": [{"name": c.name, "nickname": c.nickname, "address": c.address,
                          "state": c.state, "outbound": c.outbound,
                          "encrypted": c.encrypted, "info": c.info}
@@ -209,7 +212,7 @@ def report(d: Daemon) -> dict[str, Any]:
     return out
 
 
-def _ready(d: Daemon) -> tuple[bool, str]:
+def _ready(d: Node) -> tuple[bool, str]:
     if d.stopping:
         return False, "shutting down"
     if d.store_error is not None:
@@ -223,7 +226,7 @@ def _ready(d: Daemon) -> tuple[bool, str]:
     return True, "ready"
 
 
-def add_status_routes(app: web.Application, d: Daemon) -> None:
+def add_status_routes(app: web.Application, d: Node) -> None:
     async def status(_: web.Request) -> web.Response:
         return web.Response(text=status_text(d))
 
@@ -253,9 +256,3 @@ def add_status_routes(app: web.Application, d: Daemon) -> None:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-
-
-def make_status_app(d: Daemon) -> web.Application:
-    app = web.Application(client_max_size=64 * 1024)
-    add_status_routes(app, d)
-    return app
