@@ -144,6 +144,16 @@ def test_claims(weave: Node) -> None:
     assert go(n, "PUT", "/ip/c7/192.168.1.1/24") == (
         400, b"Unable to claim: address 192.168.1.1 is not inside the allocation range "
              b"10.32.0.0/12\n")
+    # on purpose (README): a subnet's network address, which allocation never hands out
+    assert go(n, "PUT", "/ip/c7/10.32.100.112/28") == (
+        400, b"Unable to claim: address 10.32.100.112 is the network address of subnet "
+             b"10.32.100.112/28, which allocation never hands out; claim an address inside "
+             b"the subnet\n")
+    # on purpose (README): the daemon's own ids, readable but not writable
+    code, body = go(n, "POST", "/ip/weave:expose")
+    assert code == 400 and b"is reserved" in body
+    assert go(n, "GET", "/ip/weave:expose") == (200, b"")
+    assert go(n, "GET", "/ip/c7") == (200, b"")  # none of those took anything
 
 
 def test_releases(weave: Node) -> None:
@@ -174,6 +184,10 @@ def test_info_ring_rmpeer_and_routing(weave: Node) -> None:
     assert curl(n, "GET", "/ring") == (200, b"")
     assert curl(n, "DELETE", "/peer/gone-host") == (200, b"0 IPs taken over from gone-host\n")
     assert our_refusal(n, "DELETE", "/peer/gone-host") == (404, "not-found")
+    # this peer itself: Weave takes nothing over and says so; ours explains
+    assert curl(n, "DELETE", f"/peer/{n.name}") == (200, f"0 IPs taken over from {n.name}\n"
+                                                    .encode())
+    assert our_refusal(n, "DELETE", f"/peer/{n.name}") == (400, "bad-request")
     assert curl(n, "GET", "/nowhere") == (404, b"404 page not found\n")
     assert curl(n, "GET", "/ip/a/b/c/d") == (404, b"404 page not found\n")
     assert curl(n, "GET", "/ip/a/b") == (405, b"")  # mux: the path is DELETE's
