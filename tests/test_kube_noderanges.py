@@ -68,6 +68,6 @@ def test_annotation_ranges_and_errors() -> None:
 
 def test_changed_ranges_warn() -> None:
     old = [CIDR.parse("10.244.1.0/24")]
-    assert changed(old, old, "n1", NodeRangeSpec(None)) is None
-    text = changed(old, [CIDR.parse("10.244.9.0/24")], "n1", NodeRangeSpec(None))
+    assert changed(old, old, "n1", NodeRangeSpec(None).where()) is None
+    text = changed(old, [CIDR.parse("10.244.9.0/24")], "n1", NodeRangeSpec(None).where())
     assert text is not None and "existing pods keep" in text and "10.244.9.0/24" in text

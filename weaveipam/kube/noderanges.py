@@ -32,6 +32,17 @@ class NodeRangeSpec:
     def where(self) -> str:
         return f"annotation {self.annotation}" if self.annotation else "spec.podCIDRs"
 
+    def option(self) -> str:
+        """The CNI config option that asked for these ranges."""
+        return f'annotation "{self.annotation}"' if self.annotation else 'ranges "podCIDRs"'
+
+    @staticmethod
+    def of(where: str) -> NodeRangeSpec:
+        """The spec (without ipv4-namespaces) whose where() this is."""
+        if where.startswith("annotation "):
+            return NodeRangeSpec(where.removeprefix("annotation "))
+        return NodeRangeSpec(None)
+
 
 def parse_spec(ipam: Mapping[str, Any]) -> NodeRangeSpec | None:
     """The kube-node options of an `ipam` object; None if it has none.  ValueError says
@@ -96,10 +107,11 @@ def for_pod(ranges: list[CIDR], namespace: str | None, spec: NodeRangeSpec
     return out
 
 
-def changed(old: list[CIDR], new: list[CIDR], node: str, spec: NodeRangeSpec) -> str | None:
-    """The status warning when the node's ranges changed: old allocations stay."""
+def changed(old: list[CIDR], new: list[CIDR], node: str, where: str) -> str | None:
+    """The status warning when the node's ranges changed (`where`: NodeRangeSpec.where());
+    old allocations stay."""
     if old == new:
         return None
-    return (f"Node {node} {spec.where()} changed from {', '.join(map(str, old)) or 'none'} "
+    return (f"Node {node} {where} changed from {', '.join(map(str, old)) or 'none'} "
             f"to {', '.join(map(str, new)) or 'none'}: existing pods keep their addresses, "
             "new ones come from the new ranges")
