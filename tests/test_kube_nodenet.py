@@ -8,7 +8,10 @@ API server down), a range change with its warning, and the errors when ranges ar
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +21,7 @@ from daemons import Cluster, free_ports, temp_cluster, wait_for
 from kubefake import FakeKube, running
 from test_cni_support import (
     BRIDGE,
+    REPO,
     CniRun,
     host_scratch,
     ips_of,
@@ -99,6 +103,8 @@ def test_pod_cidrs_annotation_namespaces_check_del_gc_and_restart(
     assert ips_of(ok(cni(n, "ADD", v6only, "c4", ns="kube-system"))) == [
         "198.18.64.4/24", "fd00:198:18:64::5/64"]
     assert used(n) == {"spec.podCIDRs": 7, f"annotation {NET1}": 2}
+    ok(run_plugin(shim_binary(), "STATUS", conf("kn", "1.1.0", ranges="podCIDRs"),
+                  socket=n.socket))
 
     # CHECK against what the runtime kept; a prevResult that differs is a mismatch
     ok(cni(n, "CHECK", pods, "c1", prev=a))
@@ -135,10 +141,15 @@ def test_pod_cidrs_annotation_namespaces_check_del_gc_and_restart(
 def test_missing_ranges_are_a_clear_error_and_a_change_warns(
         kube: tuple[FakeKube, Cluster]) -> None:
     fake, c = kube
-    n = node(fake, c, None, {NET1: "198.18.66.0/24"})
+    n = node(fake, c, None, {NET1: "198.18.66.0/24", "example.com/ring": "10.33.0.0/24"})
     pods = conf("kn", ranges="podCIDRs")
     msg = refused(cni(n, "ADD", pods, "c1"), 103, "has no spec.podCIDRs")
-    assert n.node_name in msg
+    assert n.node_name in msg and "--allocate-node-cidrs" in msg
+    refused(run_plugin(shim_binary(), "STATUS", conf("kn", "1.1.0", ranges="podCIDRs"),
+                       socket=n.socket), 50, "has no spec.podCIDRs")
+    # a Node range inside the ring's range would clash with other nodes' pods
+    refused(cni(n, "ADD", conf("r", annotation="example.com/ring"), "c1"), 103,
+            "overlaps the cluster range 10.32.0.0/12")
     assert n.kube()["node_ranges"]["ranges"] == {}  # no state change
     bad = conf("kn", ranges="podCIDRs", subnet="10.32.0.0/16")
     refused(cni(n, "ADD", bad, "c1"), 7, "cannot be combined")
@@ -162,6 +173,10 @@ def test_missing_ranges_are_a_clear_error_and_a_change_warns(
     text = n.status("/status")[1]
     assert "WARNING: Node node-1 annotation kube-node.nordix.org/net1 changed from " \
         "198.18.66.0/24 to 198.18.68.0/24" in text and "1 address(es) still held" in text, text
+    cli = subprocess.run([sys.executable, "-m", "weaveipam", "status", "--socket",
+                          str(n.socket)], capture_output=True, text=True, timeout=60,
+                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert cli.returncode == 0 and "198.18.66.0/24 to 198.18.68.0/24" in cli.stdout, cli
     ok(cni(n, "DEL", net1, "c1"))  # the last pod of the old range: no more warning
     assert n.kube()["node_ranges"]["warnings"] == []
     # an annotation removed: a clear error, and nothing changes

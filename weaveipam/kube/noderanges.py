@@ -82,8 +82,13 @@ def node_ranges(node: NodeInfo, spec: NodeRangeSpec) -> list[CIDR]:
         raw = dict(node.annotations).get(spec.annotation)
         texts = [t.strip() for t in (raw or "").split(",") if t.strip()]
     if not texts:
-        raise ValueError(f"Node {node.name} has no {spec.where()}: set it (or use the "
-                         "cluster range: drop the ipam ranges/annotation options)")
+        how = (f"annotate the Node (kubectl annotate node {node.name} "
+               f"{spec.annotation}=CIDR[,CIDR])" if spec.annotation else
+               "have the controller-manager assign them (--allocate-node-cidrs) or set them "
+               "when the Node is registered")
+        raise ValueError(f"Node {node.name} has no {spec.where()}: {how}, or drop "
+                         f"ipam.{'annotation' if spec.annotation else 'ranges'} to "
+                         "allocate from the cluster range")
     out = []
     for t in texts:
         try:
