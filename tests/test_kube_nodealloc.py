@@ -70,6 +70,8 @@ def test_range_change_keeps_old_addresses_and_warns_until_they_are_gone() -> Non
     assert "from 10.244.1.0/24 to 10.244.9.0/24" in w and "1 address(es) still held" in w
     got, _ = n.allocate("new", {32: [new]}, "")
     assert texts(got) == ["10.244.9.2/24"]
+    again, recs = n.allocate("old", {32: [new]}, "")  # a repeated ADD of an old pod
+    assert texts(again) == ["10.244.1.2/24"] and recs == []
     assert [key_text(k) for k in n.held("old")] == ["10.244.1.2"]
     _, recs = n.release("old")
     assert recs[-1] == SetNodeRanges("spec.podCIDRs", "10.244.9.0/24", "")

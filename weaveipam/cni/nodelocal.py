@@ -35,7 +35,12 @@ class NodeLocal:
     def __init__(self, d: Any) -> None:
         self.d = d
         self.alloc = NodeAllocations()
-        self.alloc.restore(*d.store.load_node())
+        try:
+            self.alloc.restore(*d.store.load_node())
+        except StoreError as e:
+            from ..daemon import StartupError
+
+            raise StartupError(f"cannot read the kube-node allocations: {e}") from e
 
     @staticmethod
     def of(d: Any) -> NodeLocal | None:

@@ -142,14 +142,18 @@ class NodeAllocations:
     def allocate(self, ident: str, fams: Mapping[int, list[CIDR]], note: str
                  ) -> tuple[list[tuple[int, CIDR]], list[NodeRecord]]:
         """One address per family, from the first of its ranges with room; an ident that
-        holds one there already gets it again.  All or nothing: NodeRangeFull changes no
-        state.  Returns [(address, its range)] in family order, and the records."""
+        holds one already (in these ranges or earlier ones) gets it again.  All or
+        nothing: NodeRangeFull changes no state.  Returns [(address, its range)] in family
+        order, and the records."""
         have = self.allocs.get(ident, {})
+        known = [c for cur, prev in self.sources.values() for c in (*cur, *prev)]
         out: list[tuple[int, CIDR]] = []
         new: list[Key] = []
         for bits in sorted(fams):
             cidrs = fams[bits]
-            mine = next(((a, c) for b, a in have if b == bits for c in cidrs if a in c), None)
+            # held already, also in a range the Node no longer has: a pod keeps its address
+            mine = next(((a, c) for b, a in have if b == bits for c in (*cidrs, *known)
+                         if c.bits == bits and a in c), None)
             if mine is not None:
                 out.append(mine)
                 continue
