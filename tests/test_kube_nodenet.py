@@ -50,8 +50,9 @@ def node(fake: FakeKube, c: Cluster, pod_cidrs: list[str] | None,
                  kubeconfig=fake.kubeconfig(c.root / "kubeconfig"))
     fake.add_node(n.node_name, n.ip, pod_cidrs, annotations)
     c.nodes.append(n)  # killed at cleanup
-    n.start()
-    wait_for(lambda: n.kube().get("nodes") == 1, timeout=30, what="its Node read")
+    n.start(wait=False)
+    n.wait_up(timeout=60)  # deadlines that catch a hang: the machine is shared
+    wait_for(lambda: n.kube().get("nodes") == 1, timeout=60, what="its Node read")
     return n
 
 
@@ -127,14 +128,16 @@ def test_pod_cidrs_annotation_namespaces_check_del_gc_and_restart(
     n.stop()
     fake.down()
     try:
-        n.start()
+        n.start(wait=False)
+        n.wait_up(timeout=60)
         ok(cni(n, "CHECK", pods, "c2", prev=b))
         ok(cni(n, "CHECK", conf("net1", annotation=NET1), "c1", prev=m))
         d = ok(cni(n, "ADD", pods, "c5"))
         assert ips_of(d) == ["198.18.64.5/24", "fd00:198:18:64::6/64"]
     finally:
         fake.up()
-    wait_for(lambda: n.kube().get("nodes") == 1, timeout=30, what="the Node read again")
+    # the Node list is retried with back-off (up to 30 s) while the API server is down
+    wait_for(lambda: n.kube().get("nodes") == 1, timeout=90, what="the Node read again")
     assert used(n) == {"spec.podCIDRs": 6, f"annotation {NET1}": 2}
 
 
@@ -156,7 +159,7 @@ def test_missing_ranges_are_a_clear_error_and_a_change_warns(
     # the real server lets podCIDRs go from none to set (only): new ADDs use them
     code, _ = fake.patch_node(n.node_name, {"spec": {"podCIDRs": ["198.18.67.0/24"]}})
     assert code == 200
-    wait_for(lambda: cni(n, "ADD", pods, "c1").rc == 0, timeout=30, what="podCIDRs seen")
+    wait_for(lambda: cni(n, "ADD", pods, "c1").rc == 0, timeout=60, what="podCIDRs seen")
 
     net1 = conf("net1", annotation=NET1)
     first = ok(cni(n, "ADD", net1, "c1"))
@@ -166,7 +169,7 @@ def test_missing_ranges_are_a_clear_error_and_a_change_warns(
         NET1: "198.18.68.0/24"}}})[0] == 200
     wait_for(lambda: any("198.18.66.0/24 to 198.18.68.0/24" in w
                          for w in n.kube()["node_ranges"]["warnings"]),
-             timeout=30, what="the change in the status")
+             timeout=60, what="the change in the status")
     # existing pods keep theirs, new ones come from the new range
     assert ips_of(ok(cni(n, "ADD", net1, "c2"))) == ["198.18.68.2/24"]
     ok(cni(n, "CHECK", net1, "c1", prev=first))
@@ -181,7 +184,7 @@ def test_missing_ranges_are_a_clear_error_and_a_change_warns(
     assert n.kube()["node_ranges"]["warnings"] == []
     # an annotation removed: a clear error, and nothing changes
     fake.patch_node(n.node_name, {"metadata": {"annotations": {NET1: None}}})
-    wait_for(lambda: cni(n, "ADD", net1, "c3").code == 103, timeout=30,
+    wait_for(lambda: cni(n, "ADD", net1, "c3").code == 103, timeout=60,
              what="the annotation gone")
     refused(cni(n, "ADD", net1, "c3"), 103, f"has no annotation {NET1}")
 
