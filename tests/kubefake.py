@@ -204,22 +204,31 @@ class FakeKube:
         old.set()
 
     def node_object(self, name: str, address: str, pod_cidrs: list[str] | None = None,
-                    labels: dict[str, str] | None = None) -> dict[str, Any]:
+                    labels: dict[str, str] | None = None,
+                    annotations: dict[str, str] | None = None) -> dict[str, Any]:
         spec: dict[str, Any] = {}
         if pod_cidrs:
             spec = {"podCIDR": pod_cidrs[0], "podCIDRs": pod_cidrs}
-        return {"apiVersion": "v1", "kind": "Node",
-                "metadata": {"name": name, "labels": labels or {
-                    "kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}},
-                "spec": spec,
+        meta: dict[str, Any] = {"name": name, "labels": labels or {
+            "kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}}
+        if annotations:
+            meta["annotations"] = annotations
+        return {"apiVersion": "v1", "kind": "Node", "metadata": meta, "spec": spec,
                 "status": {"addresses": [{"type": "InternalIP", "address": address},
                                          {"type": "Hostname", "address": name}]}}
 
-    def add_node(self, name: str, address: str, pod_cidrs: list[str] | None = None) -> str:
+    def add_node(self, name: str, address: str, pod_cidrs: list[str] | None = None,
+                 annotations: dict[str, str] | None = None) -> str:
         with self._lock:
-            ok, body = self._create_node(self.node_object(name, address, pod_cidrs))
+            ok, body = self._create_node(self.node_object(name, address, pod_cidrs,
+                                                          annotations=annotations))
             assert ok == 201, body
             return str(body["metadata"]["uid"])
+
+    def patch_node(self, name: str, patch: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """A merge patch, as `kubectl patch node --type merge` (e.g. an annotation)."""
+        with self._lock:
+            return self._patch_node(name, patch)
 
     def delete_node(self, name: str) -> None:
         with self._lock:
@@ -245,6 +254,32 @@ class FakeKube:
         self.nodes[name] = n
         self._event("ADDED", n)
         return 201, n
+
+    def _patch_node(self, name: str, patch: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """RFC 7386 merge patch (strategic merge patch is the same for what we patch): a
+        change is a MODIFIED event with a new resourceVersion, a no-op is neither; podCIDRs
+        may only go from none to set (422, as recorded)."""
+        cur = self.nodes.get(name)
+        if cur is None:
+            return 404, status_body(404, "NotFound", f'nodes "{name}" not found',
+                                    {"name": name, "kind": "nodes"})
+        new = _merge(json.loads(json.dumps(cur)), patch)
+        old_spec, new_spec = cur.get("spec") or {}, new.get("spec") or {}
+        if old_spec.get("podCIDRs") and (new_spec.get("podCIDRs") != old_spec["podCIDRs"]
+                                         or new_spec.get("podCIDR") != old_spec["podCIDR"]):
+            msg = 'Forbidden: node updates may not change podCIDR except from "" to valid'
+            cause = {"reason": "FieldValueForbidden", "message": msg, "field": "spec.podCIDRs"}
+            return 422, status_body(422, "Invalid", f'Node "{name}" is invalid: '
+                                    f"spec.podCIDRs: {msg}",
+                                    {"name": name, "kind": "Node", "causes": [cause, cause]})
+        if new_spec.get("podCIDRs"):
+            new_spec["podCIDR"] = new_spec["podCIDRs"][0]
+        if new == cur:
+            return 200, cur
+        new["metadata"]["resourceVersion"] = self._bump()
+        self.nodes[name] = new
+        self._event("MODIFIED", new)
+        return 200, new
 
     def _delete_node(self, name: str) -> tuple[int, dict[str, Any]]:
         n = self.nodes.pop(name, None)
@@ -389,6 +424,16 @@ class FakeKube:
             with self._lock:
                 code, body = self._create_node(obj)
             return _json(body, code)
+        if verb == "patch" and name is not None:
+            if req.content_type not in ("application/merge-patch+json",
+                                        "application/strategic-merge-patch+json"):
+                return _status(415, "UnsupportedMediaType", "415: Unsupported Media Type", {})
+            obj = await self._body(req, "Node")
+            if isinstance(obj, web.Response):
+                return obj
+            with self._lock:
+                code, body = self._patch_node(name, obj)
+            return _json(body, code)
         return _status(405, "MethodNotAllowed", "the server does not allow this method on "
                        "the requested resource", {})
 
@@ -519,6 +564,19 @@ class FakeKube:
                 cur["metadata"]["resourceVersion"] = self._bump()
             cur["data"] = data
             return _json(cur)
+
+
+def _merge(target: Any, patch: Any) -> Any:
+    """RFC 7386: objects merge key by key, null removes, anything else replaces."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = _merge(out.get(k), v)
+    return out
 
 
 @contextlib.contextmanager

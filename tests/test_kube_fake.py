@@ -31,14 +31,15 @@ def exchanges(name: str) -> dict[str, dict[str, Any]]:
 
 
 def call(f: FakeKube, method: str, path: str, body: str | None = None,
-         token: str | None = "ok") -> tuple[int, dict[str, str], str]:
+         token: str | None = "ok", content_type: str = "application/json"
+         ) -> tuple[int, dict[str, str], str]:
     c = http.client.HTTPConnection(f.host, f.port, timeout=20)
     try:
         h = {"Accept": "application/json"}
         if token is not None:
             h["Authorization"] = f"Bearer {f.token if token == 'ok' else token}"
         if body is not None:
-            h["Content-Type"] = "application/json"
+            h["Content-Type"] = content_type
         c.request(method, path, body=body, headers=h)
         r = c.getresponse()
         return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read().decode()
@@ -207,3 +208,42 @@ def test_watch_without_resource_version_starts_with_added(fake: FakeKube) -> Non
         fake.add_node(n, "198.18.0.1")
     _, _, events = read_stream(fake, "/api/v1/nodes?watch=1&timeoutSeconds=1")
     assert [e["type"] for e in events] == [e["type"] for e in x["stream"]["event_summary"]]
+
+
+def test_node_patches_like_recorded(fake: FakeKube) -> None:
+    """Annotations change through merge patches (a MODIFIED event, a new resourceVersion;
+    a no-op patch neither); podCIDRs cannot change once set (422); plain JSON is 415."""
+    crud = exchanges("nodes-crud.json")
+    rv: dict[str, str] = {}
+    for name in ("create-node-a", "create-node-b"):
+        replay(fake, crud[name], rv)
+    watch = json.loads((REC / "nodes-watch.json").read_text())
+    acts = {a["name"]: a for a in watch["actions"]}
+    start = fake.rv
+    last_rv: dict[str, str] = {}
+    for name in ("merge-patch-annotation-node-a", "strategic-merge-patch-annotation-node-b",
+                 "noop-merge-patch-node-a-same-value", "merge-patch-remove-annotation-node-a"):
+        rq, want = acts[name]["request"], acts[name]["response"]
+        status, _, text = call(fake, "PATCH", rq["path"], rq["body"],
+                               content_type=rq["headers"]["Content-Type"])
+        got = json.loads(text)
+        assert status == want["status"] == 200
+        assert got["metadata"].get("annotations") == \
+            want["body_json"]["metadata"].get("annotations"), name
+        if name.startswith("noop"):  # unchanged resourceVersion, as recorded
+            assert got["metadata"]["resourceVersion"] == last_rv[rq["path"]]
+        last_rv[rq["path"]] = got["metadata"]["resourceVersion"]
+    _, _, events = read_stream(fake, f"/api/v1/nodes?watch=1&resourceVersion={start}"
+                               "&timeoutSeconds=1")
+    recorded_mods = [(e["type"], e["name"]) for e in
+                     watch["exchanges"][0]["stream"]["event_summary"] if e["type"] == "MODIFIED"
+                     and e["name"] in ("node-a", "node-b")]
+    assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == recorded_mods
+    x = crud["patch-node-b-change-podCIDRs-forbidden"]
+    status, _, text = call(fake, "PATCH", x["request"]["path"], x["request"]["body"],
+                           content_type=x["request"]["headers"]["Content-Type"])
+    assert status == 422
+    assert json.loads(text) == x["response"]["body_json"]
+    x = exchanges("configmap-weave-ipam-peers.json")["patch-with-plain-json-content-type-415"]
+    status, _, text = call(fake, "PATCH", "/api/v1/nodes/node-a", x["request"]["body"])
+    assert status == 415 and json.loads(text) == x["response"]["body_json"]

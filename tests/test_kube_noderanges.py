@@ -68,6 +68,32 @@ def test_annotation_ranges_and_errors() -> None:
 
 def test_changed_ranges_warn() -> None:
     old = [CIDR.parse("10.244.1.0/24")]
-    assert changed(old, old, "n1", NodeRangeSpec(None)) is None
-    text = changed(old, [CIDR.parse("10.244.9.0/24")], "n1", NodeRangeSpec(None))
+    assert changed(old, old, "n1", NodeRangeSpec(None).where()) is None
+    text = changed(old, [CIDR.parse("10.244.9.0/24")], "n1", NodeRangeSpec(None).where())
     assert text is not None and "existing pods keep" in text and "10.244.9.0/24" in text
+
+
+def test_cni_config_with_node_ranges() -> None:
+    """The CNI config's kube-node options: parsed with the network, refused with what to do
+    when combined with options of the ring."""
+    from weaveipam.cni.config import CniError, Env, parse_config
+
+    u = CIDR.parse("10.32.0.0/12")
+    env = Env("ADD", "c1", "/run/netns/x", "eth0", {"K8S_POD_NAMESPACE": "default"})
+
+    def conf(ipam: dict[str, object], **top: object) -> dict[str, object]:
+        return {"cniVersion": "1.0.0", "name": "kn", "type": "ptp",
+                "ipam": {"type": "weave-ipam", **ipam}, **top}
+
+    c = parse_config(conf({"ranges": "podCIDRs", "routes": [{"dst": "0.0.0.0/0"}]}),
+                     "1.0.0", env, u, u)
+    assert c.node == NodeRangeSpec(None) and c.wants_gateway and c.routes
+    for obj, code, words in (
+            (conf({"ranges": "podCIDRs", "gateway": "10.32.0.1"}), 7, "cannot be combined"),
+            (conf({"annotation": "a/b"}, runtimeConfig={"ips": ["10.244.1.9"]}), 7,
+             "static addresses"),
+            (conf({"ranges": "host-local"}), 2, "podCIDRs"),
+            (conf({"annotation": "a/b", "ipv4-namespaces": "default"}), 7, "list")):
+        with pytest.raises(CniError, match=words) as e:
+            parse_config(obj, "1.0.0", env, u, u)
+        assert e.value.code == code

@@ -184,6 +184,7 @@ class Daemon:
         self._seen_conns: set[tuple[str, str, bool]] = set()
         self.metrics: Any = None
         self.kube: Any = None  # weaveipam.kube.mode.KubeMode in Kubernetes mode
+        self.node_local: Any = None  # weaveipam.cni.nodelocal.NodeLocal: kube-node ranges
 
     # ---- public --------------------------------------------------------------------------
 
@@ -585,6 +586,10 @@ class Daemon:
             return
         for name in self._rng.sample(nbrs, GOSSIP_FANOUT):
             self.mesh.send(name, msg)
+
+    def fail_store(self, err: BaseException) -> None:
+        """A commit outside the allocator's pipeline (kube-node ranges) failed."""
+        self._store_failed(err, [])
 
     def _store_failed(self, err: BaseException, outs: list[Reply | Send]) -> None:
         """Memory is now ahead of disk: acknowledge nothing more until a restart reloads."""

@@ -49,6 +49,7 @@ from weaveipam.core.records import (
     SetRing,
     Snapshot,
 )
+from weaveipam.kube.nodealloc import DelNodeAddress, NodeRecord, PutNodeAddress, SetNodeRanges
 
 __all__ = ["SCHEMA_VERSION", "Store", "StoreError", "check_disk", "discard_files", "disk_error"]
 
@@ -62,6 +63,9 @@ _RECORD_TYPES: Final = (
     PutAllocation,
     DelAllocation,
     ClearAllocations,
+    PutNodeAddress,
+    DelNodeAddress,
+    SetNodeRanges,
 )
 
 # `idents` is not strictly needed to hold the data, but Snapshot.apply keeps an ident
@@ -78,6 +82,18 @@ _SCHEMA: Final = (
 # (NULL: the default subnet's prefix), which older releases still read.
 _ADD_PREFIX: Final = "ALTER TABLE allocations ADD COLUMN prefix INTEGER"
 _TABLES: Final = frozenset({"meta", "idents", "allocations"})
+# kube-node allocations (this node's own ranges, weaveipam/kube/nodealloc.py): added to
+# schema 1 without a version bump, created when missing, so an existing store keeps
+# working; an older weaveipam ignores them (it checks only for its own tables)
+_NODE_SCHEMA: Final = (
+    "CREATE TABLE IF NOT EXISTS node_allocations ("
+    " ident TEXT NOT NULL, family INTEGER NOT NULL, address BLOB NOT NULL,"
+    " note TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (ident, family, address))",
+    "CREATE TABLE IF NOT EXISTS node_ranges ("
+    " source TEXT PRIMARY KEY, ranges TEXT NOT NULL, previous TEXT NOT NULL)",
+    # the last address handed out per family: no immediate reuse across a restart either
+    "CREATE TABLE IF NOT EXISTS node_cursor (family INTEGER PRIMARY KEY, address BLOB NOT NULL)",
+)
 
 
 class StoreError(Exception):
@@ -173,7 +189,7 @@ def check_disk(directory: Path, files: Iterable[Path] = ()) -> StoreError | None
 class _Pending:
     """One awaiting `commit` call, queued for the writer thread."""
 
-    records: tuple[Record, ...]
+    records: tuple[Record | NodeRecord, ...]
     future: asyncio.Future[None]
     loop: asyncio.AbstractEventLoop
 
@@ -209,7 +225,7 @@ def _encode_address(address: int) -> bytes:
     return address.to_bytes(_ADDRESS_BYTES, "big")
 
 
-def _check_records(records: Iterable[Record]) -> tuple[Record, ...]:
+def _check_records(records: Iterable[Record | NodeRecord]) -> tuple[Record | NodeRecord, ...]:
     """Reject malformed records before they are queued.
 
     A bad record found inside the writer would fail the whole group-commit batch,
@@ -222,7 +238,7 @@ def _check_records(records: Iterable[Record]) -> tuple[Record, ...]:
                 f"cannot store {rec!r}: not a weaveipam record; pass only the record "
                 "types from weaveipam.core.records"
             )
-        if isinstance(rec, PutAllocation | DelAllocation):
+        if isinstance(rec, PutAllocation | DelAllocation | PutNodeAddress | DelNodeAddress):
             addr = rec.address
             if isinstance(addr, bool) or not isinstance(addr, int):
                 raise StoreError(f"cannot store {rec!r}: address must be an int")
@@ -230,12 +246,18 @@ def _check_records(records: Iterable[Record]) -> tuple[Record, ...]:
                 raise StoreError(f"cannot store {rec!r}: address {addr} is outside 0..2**128-1")
             if not isinstance(rec.ident, str):
                 raise StoreError(f"cannot store {rec!r}: ident must be a str")
-            if isinstance(rec, PutAllocation) and not isinstance(rec.note, str):
+            if isinstance(rec, PutAllocation | PutNodeAddress) and not isinstance(rec.note, str):
                 raise StoreError(f"cannot store {rec!r}: note must be a str")
             if isinstance(rec, PutAllocation) and rec.prefix is not None and (
                     isinstance(rec.prefix, bool) or not isinstance(rec.prefix, int)
                     or not 0 <= rec.prefix <= 128):
                 raise StoreError(f"cannot store {rec!r}: prefix must be None or 0..128")
+            if isinstance(rec, PutNodeAddress | DelNodeAddress) and rec.bits not in (32, 128):
+                raise StoreError(f"cannot store {rec!r}: bits must be 32 or 128")
+        elif isinstance(rec, SetNodeRanges):
+            if not isinstance(rec.source, str) or not isinstance(rec.ranges, str) \
+                    or not isinstance(rec.previous, str):
+                raise StoreError(f"cannot store {rec!r}: source and ranges must be str")
         elif isinstance(rec, SetRing | SetPaxos):
             if not isinstance(rec.data, bytes | bytearray | memoryview):
                 raise StoreError(f"cannot store {rec!r}: data must be bytes")
@@ -397,7 +419,7 @@ class Store:
             for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
         }
         if not tables:
-            for stmt in _SCHEMA:
+            for stmt in (*_SCHEMA, *_NODE_SCHEMA):
                 conn.execute(stmt)
             conn.execute(
                 "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
@@ -424,13 +446,16 @@ class Store:
         columns = {str(row[1]) for row in conn.execute("PRAGMA table_info(allocations)")}
         if "prefix" not in columns:
             conn.execute(_ADD_PREFIX)
+        for stmt in _NODE_SCHEMA:  # a store from before kube-node ranges
+            conn.execute(stmt)
 
     def _max_seq(self) -> int:
         conn = self._require_conn()
         try:
             row = conn.execute(
                 "SELECT max(COALESCE((SELECT max(seq) FROM allocations), 0),"
-                " COALESCE((SELECT max(seq) FROM idents), 0))"
+                " COALESCE((SELECT max(seq) FROM idents), 0),"
+                " COALESCE((SELECT max(seq) FROM node_allocations), 0))"
             ).fetchone()
         except sqlite3.Error as e:
             conn.close()
@@ -495,6 +520,38 @@ class Store:
                 + self._fix(), "corrupt")
         return snap
 
+    def load_node(self) -> tuple[list[tuple[str, int, int, str]], dict[str, tuple[str, str]],
+                                 dict[int, int]]:
+        """The kube-node allocations as (ident, bits, address, note) in the order written,
+        each source's (ranges, previous ranges), and the last address handed out per
+        family."""
+        with self._db_lock:
+            conn = self._require_conn()
+            try:
+                conn.execute("BEGIN")
+                try:
+                    rows = conn.execute("SELECT ident, family, address, note FROM "
+                                        "node_allocations ORDER BY seq").fetchall()
+                    srcs = conn.execute("SELECT source, ranges, previous FROM "
+                                        "node_ranges").fetchall()
+                    cursors = conn.execute("SELECT family, address FROM node_cursor"
+                                           ).fetchall()
+                finally:
+                    conn.execute("COMMIT")
+            except sqlite3.Error as e:
+                raise self._sqlite_error(e, "read") from e
+        self._kick()
+        out = []
+        for ident, bits, address, note in rows:
+            if not isinstance(address, bytes) or len(address) != _ADDRESS_BYTES \
+                    or bits not in (32, 128):
+                raise StoreError(f"store {self.path} has an inconsistent kube-node "
+                                 f"allocation row ({ident!r}, {bits!r}, {address!r}); "
+                                 + self._fix(), "corrupt")
+            out.append((str(ident), int(bits), int.from_bytes(address, "big"), str(note)))
+        return out, {str(s): (str(r), str(p)) for s, r, p in srcs}, \
+            {int(b): int.from_bytes(a, "big") for b, a in cursors if isinstance(a, bytes)}
+
     def _meta(self, meta: dict[str, object], key: str, kind: type[_T]) -> _T | None:
         value = meta.get(key)
         if value is None or isinstance(value, kind):
@@ -505,7 +562,7 @@ class Store:
 
     # ------------------------------------------------------------------ writing
 
-    def _apply(self, conn: sqlite3.Connection, rec: Record) -> None:
+    def _apply(self, conn: sqlite3.Connection, rec: Record | NodeRecord) -> None:
         """One record, with exactly the meaning of Snapshot.apply."""
         if isinstance(rec, PutAllocation):
             self._seq += 1
@@ -541,6 +598,22 @@ class Store:
         elif isinstance(rec, ClearAllocations):
             conn.execute("DELETE FROM allocations")
             conn.execute("DELETE FROM idents")
+        elif isinstance(rec, PutNodeAddress):
+            self._seq += 1
+            conn.execute(
+                "INSERT INTO node_allocations (ident, family, address, note, seq)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (ident, family, address)"
+                " DO UPDATE SET note = excluded.note",
+                (rec.ident, rec.bits, _encode_address(rec.address), rec.note, self._seq))
+            conn.execute("INSERT OR REPLACE INTO node_cursor (family, address) VALUES (?, ?)",
+                         (rec.bits, _encode_address(rec.address)))
+        elif isinstance(rec, DelNodeAddress):
+            conn.execute("DELETE FROM node_allocations WHERE ident = ? AND family = ?"
+                         " AND address = ?", (rec.ident, rec.bits,
+                                               _encode_address(rec.address)))
+        elif isinstance(rec, SetNodeRanges):
+            conn.execute("INSERT OR REPLACE INTO node_ranges (source, ranges, previous)"
+                         " VALUES (?, ?, ?)", (rec.source, rec.ranges, rec.previous))
         else:  # pragma: no cover - _check_records rejects these first
             raise StoreError(f"cannot store {rec!r}: not a weaveipam record")
 
@@ -548,7 +621,8 @@ class Store:
     def _put_meta(conn: sqlite3.Connection, key: str, value: str | bytes) -> None:
         conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
-    def _begin(self, conn: sqlite3.Connection, records: Iterable[Record]) -> tuple[int, int]:
+    def _begin(self, conn: sqlite3.Connection,
+               records: Iterable[Record | NodeRecord]) -> tuple[int, int]:
         """Open a transaction and apply records; returns (seq before, records applied).
         On error everything is rolled back and a StoreError raised."""
         seq = self._seq
@@ -589,21 +663,21 @@ class Store:
                               f"commit was kept: {cause}", cause.kind)
         return e
 
-    def _write(self, records: Iterable[Record]) -> None:
+    def _write(self, records: Iterable[Record | NodeRecord]) -> None:
         """Apply records in one transaction; durable on return, untouched on error."""
         with self._db_lock:
             conn = self._require_conn()
             seq, n = self._begin(conn, records)
             self._end(conn, seq, n)
 
-    def commit_sync(self, records: Sequence[Record]) -> None:
+    def commit_sync(self, records: Sequence[Record | NodeRecord]) -> None:
         """Make records durable in one transaction before returning (blocks)."""
         recs = _check_records(records)
         if recs:
             self._write(recs)
         self._kick()  # commit() calls that arrived while we held the database
 
-    async def commit(self, records: Sequence[Record]) -> None:
+    async def commit(self, records: Sequence[Record | NodeRecord]) -> None:
         """Make records durable, sharing the transaction with concurrent callers.
 
         Returns only after the transaction holding these records has been fsync'd.
@@ -657,7 +731,7 @@ class Store:
             self._queue.put(_Batch(batch, seq, n))  # the writer releases _db_lock
             return
 
-    def _take_waiting(self) -> tuple[list[_Pending], list[Record]]:
+    def _take_waiting(self) -> tuple[list[_Pending], list[Record | NodeRecord]]:
         """Every commit() call not yet in a transaction, and their records in order."""
         with self._state_lock:
             batch, self._waiting = self._waiting, []
@@ -717,6 +791,9 @@ class Store:
                 conn.execute("BEGIN IMMEDIATE")
                 conn.execute("DELETE FROM allocations")
                 conn.execute("DELETE FROM idents")
+                conn.execute("DELETE FROM node_allocations")
+                conn.execute("DELETE FROM node_ranges")
+                conn.execute("DELETE FROM node_cursor")
                 conn.execute("DELETE FROM meta WHERE key != 'schema_version'")
                 conn.execute("COMMIT")
             except sqlite3.Error as e:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.addr import CIDR, AddrError, fmt
+from ..kube.noderanges import KEYS as NODE_RANGE_KEYS
+from ..kube.noderanges import NodeRangeSpec, parse_spec
 
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 CURRENT_VERSION = "1.1.0"
@@ -34,6 +36,7 @@ E_NOT_AVAILABLE = 50
 E_MISMATCH = 100   # CHECK: prevResult's address is not what the daemon holds for the key
 E_CONFLICT = 101   # a static address is held by another container or owned by another peer
 E_INTERNAL = 102   # a daemon bug; the daemon log says more
+E_NO_NODE_RANGES = 103  # kube-node ranges asked for, but this node has none (or no Kubernetes)
 
 # The variables the shim forwards, and their headers.
 HEADERS = {"CNI_COMMAND": "X-CNI-Command", "CNI_CONTAINERID": "X-CNI-Containerid",
@@ -205,11 +208,13 @@ class NetConf:
     dns: dict[str, Any] | None = None
     static: tuple[int, ...] = ()        # addresses to claim instead of allocating
     prev_ips: tuple[int, ...] | None = None       # CHECK: prevResult's addresses
+    prev_all: tuple[tuple[int, int], ...] = ()    # CHECK: all of them, as (bits, address)
     attachments: frozenset[tuple[str, str]] | None = None  # GC: (containerID, ifname)
     wants_gateway: bool = False         # the plugin puts a gateway on the host side
+    node: NodeRangeSpec | None = None   # kube-node ranges instead of the ring
 
 
-IPAM_KEYS = {"type", "subnet", "gateway", "routes", "dns"}
+IPAM_KEYS = {"type", "subnet", "gateway", "routes", "dns", *NODE_RANGE_KEYS}
 
 
 def _bad(msg: str, details: str = "") -> CniError:
@@ -285,12 +290,18 @@ def _static_list(v: Any, what: str) -> list[Any]:
 
 
 def _prev_ips(prev: Any, universe: CIDR) -> tuple[int, ...]:
+    """prevResult's addresses in the range (a chain may carry other plugins' addresses)."""
+    return tuple(a for b, a in _prev_all(prev) if b == universe.bits and a in universe)
+
+
+def _prev_all(prev: Any) -> tuple[tuple[int, int], ...]:
+    """prevResult's addresses as (bits, address)."""
     if not isinstance(prev, dict):
         raise _bad("prevResult is not an object")
     ips = prev.get("ips", [])
     if not isinstance(ips, list):
         raise _bad("prevResult.ips is not a list")
-    out: list[int] = []
+    out: list[tuple[int, int]] = []
     for ipc in ips:
         addr = ipc.get("address") if isinstance(ipc, dict) else None
         if not isinstance(addr, str):
@@ -299,8 +310,7 @@ def _prev_ips(prev: Any, universe: CIDR) -> tuple[int, ...]:
             ip = ipaddress.ip_interface(addr).ip
         except ValueError:
             raise _bad(f"prevResult.ips: {addr[:80]!r} is not an address/prefix") from None
-        if ip.max_prefixlen == universe.bits and int(ip) in universe:
-            out.append(int(ip))  # only ours: a chain may carry other plugins' addresses
+        out.append((ip.max_prefixlen, int(ip)))
     return tuple(out)
 
 
@@ -337,12 +347,14 @@ def parse_config(obj: dict[str, Any], version: str, env: Env, universe: CIDR,
         # only the key matters: a config edited since the ADD must never block the DEL
         # that frees the address (the runtime would retry it forever)
         prev: tuple[int, ...] | None = None
+        prev_all: tuple[tuple[int, int], ...] = ()
         if env.command == "CHECK":
             if obj.get("prevResult") is None:
                 raise _bad("CHECK needs prevResult (the result of the ADD being checked)")
             prev = _prev_ips(obj["prevResult"], universe)
+            prev_all = _prev_all(obj["prevResult"])
         att = _attachments(obj) if env.command == "GC" else None
-        return NetConf(version, name, prev_ips=prev, attachments=att)
+        return NetConf(version, name, prev_ips=prev, prev_all=prev_all, attachments=att)
     ipam = obj.get("ipam", {})
     if not isinstance(ipam, dict):
         raise _bad("ipam is not an object")
@@ -353,6 +365,14 @@ def parse_config(obj: dict[str, Any], version: str, env: Env, universe: CIDR,
                        f"{json.dumps(ipam[k])[:120]}",
                        f"weave-ipam understands ipam.{', ipam.'.join(sorted(IPAM_KEYS))}; "
                        "addresses come from the daemon's --ipalloc-range")
+    try:
+        node = parse_spec(ipam)
+    except ValueError as e:
+        if ipam.get("ranges", "podCIDRs") != "podCIDRs":  # e.g. host-local's ranges list
+            raise CniError(E_UNSUPPORTED_FIELD, f"unsupported field {e}") from None
+        raise _bad(str(e)) from None
+    if node is not None:
+        return _node_config(obj, version, name, ipam, env, node)
     subnet: CIDR | None = None
     if ipam.get("subnet") is not None:
         s = ipam["subnet"]
@@ -398,6 +418,31 @@ def parse_config(obj: dict[str, Any], version: str, env: Env, universe: CIDR,
     return NetConf(version, name, subnet, gateway,
                    tuple(_check_route(r, version) for r in routes), dns, tuple(static),
                    wants_gateway=gateway is not None or plugin_wants_gateway(obj))
+
+
+def _node_config(obj: dict[str, Any], version: str, name: str, ipam: dict[str, Any],
+                 env: Env, node: NodeRangeSpec) -> NetConf:
+    """A kube-node network: addresses from this node's own ranges, whose gateway is each
+    range's first address; the ring's subnet, gateway and static options do not apply."""
+    for k in ("subnet", "gateway"):
+        if ipam.get(k) is not None:
+            raise _bad(f"ipam.{k} cannot be combined with ipam.{node.option()}: the "
+                       "addresses come from the Node's ranges, and each range's first "
+                       "address is its gateway; drop ipam." + k)
+    rc = obj.get("runtimeConfig")
+    args = obj.get("args")
+    cni_args = args.get("cni") if isinstance(args, dict) else None
+    if (isinstance(rc, dict) and rc.get("ips")) or env.args.get("IP") or (
+            isinstance(cni_args, dict) and cni_args.get("ips")):
+        raise _bad(f"static addresses (runtimeConfig.ips, args.cni.ips, CNI_ARGS IP) are not "
+                   f"supported with ipam.{node.option()}; leave them out, or use a network "
+                   "on the cluster range for pods that need a fixed address")
+    routes = ipam.get("routes", [])
+    if not isinstance(routes, list):
+        raise _bad("ipam.routes is not a list")
+    dns = _check_dns(ipam["dns"]) if ipam.get("dns") is not None else None
+    return NetConf(version, name, routes=tuple(_check_route(r, version) for r in routes),
+                   dns=dns, wants_gateway=plugin_wants_gateway(obj), node=node)
 
 
 def plugin_wants_gateway(obj: Mapping[str, Any]) -> bool:
@@ -481,9 +526,14 @@ def add_result(conf: NetConf, addrs: list[tuple[int, int]], bits: int,
     address carries the same gateway: `bridge` puts gateway/prefix-of-the-address on the
     bridge (and refuses a second IPv4 address there), `ptp` puts gateway/32 on each host
     veth and routes the address's subnet via it."""
+    return result_of(conf, [(a, prefix, bits, gateway) for a, prefix in addrs])
+
+
+def result_of(conf: NetConf, addrs: list[tuple[int, int, int, int | None]]) -> dict[str, Any]:
+    """The result for (address, prefix, bits, gateway) tuples, of either family."""
     old = not version_at_least(conf.version, "1.0.0")
     ips: list[dict[str, Any]] = []
-    for a, prefix in addrs:
+    for a, prefix, bits, gateway in addrs:
         ipc: dict[str, Any] = {}
         if old:
             ipc["version"] = "4" if bits == 32 else "6"

@@ -16,12 +16,14 @@ from typing import Any, Protocol
 
 from ..core.addr import CIDR, Range, fmt
 from ..core.allocator import Allocate, Allocator, Claim, Lookup, Prime, Release, Request
+from ..kube.nodealloc import key_text
 from ..node import ApiError
 from .config import (
     E_CONFLICT,
     E_INTERNAL,
     E_INVALID_CONFIG,
     E_MISMATCH,
+    E_NO_NODE_RANGES,
     E_NOT_AVAILABLE,
     E_TRY_AGAIN,
     E_UNKNOWN_CONTAINER,
@@ -42,6 +44,7 @@ from .config import (
     subnet_of,
     version_result,
 )
+from .nodelocal import NodeLocal
 
 log = logging.getLogger("weaveipam.cni")
 
@@ -77,6 +80,7 @@ def _map(e: ApiError, what: str) -> CniError:
 class CniService:
     def __init__(self, d: DaemonLike) -> None:
         self.d = d
+        self.local = NodeLocal.of(d)  # kube-node networks (None: no store, in-process tests)
 
     async def handle(self, raw_env: Mapping[str, str | None] | CniError,
                      stdin: bytes) -> tuple[int, bytes]:
@@ -106,6 +110,8 @@ class CniService:
         a = self.d.allocator
         conf = parse_config(obj, version, env, a.universe, a.default_subnet)
         if env.command == "ADD":
+            if conf.node is not None:
+                return await self.add_node(env, conf)
             return await self.add(env, conf)
         if env.command == "DEL":
             await self.delete(env, conf)
@@ -162,6 +168,20 @@ class CniService:
                                                   for x, p in addrs),
                  f" ({note})" if note else "")
         return add_result(conf, addrs, a.universe.bits, gateway)
+
+    def _local(self, what: str) -> NodeLocal:
+        if self.local is None:
+            raise CniError(E_NO_NODE_RANGES, f"{what}: kube-node ranges need the daemon's "
+                           "store, and this service has none")
+        return self.local
+
+    async def add_node(self, env: Env, conf: NetConf) -> dict[str, Any]:
+        """A kube-node network: one address per family from this node's own ranges."""
+        what = f"ADD {conf.name}/{env.container_id[:12]}/{env.ifname}"
+        self._serving(what)
+        return await self._local(what).add(
+            ident_for(conf.name, env.container_id, env.ifname), conf,
+            env.args.get("K8S_POD_NAMESPACE"), pod_note(env.args), what)
 
     def _node_gateway_key(self, conf: NetConf) -> tuple[str, CIDR | None]:
         """One gateway per node per subnet; the default subnet's under the plain ident."""
@@ -249,6 +269,9 @@ class CniService:
         """Free the key's addresses; nothing held is a success, an unreachable store not."""
         ident = ident_for(conf.name, env.container_id, env.ifname)
         what = f"DEL {conf.name}/{env.container_id[:12]}/{env.ifname}"
+        if self.local is not None and self.local.held(ident):  # a kube-node network's
+            self._serving(what)
+            await self.local.release(ident, what)
         try:
             gone = await self.d.call(Release(ident, None))
         except ApiError as e:
@@ -259,16 +282,39 @@ class CniService:
         log.info("CNI %s: freed %s", what, ", ".join(fmt(x, bits) for x in gone))
 
     async def check(self, env: Env, conf: NetConf) -> None:
-        a = self.d.allocator
-        bits = a.universe.bits
         ident = ident_for(conf.name, env.container_id, env.ifname)
         what = f"CHECK {conf.name}/{env.container_id[:12]}/{env.ifname}"
         self._serving(what)
         held = await self._held(ident, what)
-        if not held:
+        local = self.local.held(ident) if self.local is not None else []
+        if not held and not local:
             raise CniError(E_UNKNOWN_CONTAINER, f"{what}: no address is held for container "
                            f"{env.container_id} interface {env.ifname} in network "
                            f"{conf.name}")
+        if local:
+            self._check_node(local, conf, what)
+        if held:
+            self._check_ring(held, conf, what)
+
+    def _check_node(self, local: list[tuple[int, int]], conf: NetConf, what: str) -> None:
+        """Every address held for the key is in prevResult, and no other one of the node's
+        kube-node ranges is."""
+        assert self.local is not None
+        shown = ", ".join(map(key_text, local))
+        prev = set(conf.prev_all)
+        lost = [k for k in local if k not in prev]
+        if lost:
+            raise CniError(E_MISMATCH, f"{what}: prevResult lacks {key_text(lost[0])}, which "
+                           f"is held for this container and interface; the daemon holds "
+                           f"{shown}")
+        extra = [k for k in conf.prev_all if k not in local and self.local.in_ranges(k)]
+        if extra:
+            raise CniError(E_MISMATCH, f"{what}: {key_text(extra[0])} in prevResult is not "
+                           f"held for this container and interface; the daemon holds {shown}")
+
+    def _check_ring(self, held: list[int], conf: NetConf, what: str) -> None:
+        a = self.d.allocator
+        bits = a.universe.bits
         prev = conf.prev_ips or ()
         shown = ", ".join(fmt(x, bits) for x in held)
         if not prev:
@@ -284,8 +330,13 @@ class CniService:
         that waits for STATUS before its first ADD must not wait forever."""
         try:
             self._serving("STATUS")
+            if conf.node is not None:
+                why = self._local("STATUS").free_for(conf, "STATUS")
+                if why is not None:
+                    raise CniError(E_NOT_AVAILABLE, f"STATUS: {why}")
+                return
         except CniError as e:
-            raise CniError(E_NOT_AVAILABLE, e.msg) from None
+            raise CniError(E_NOT_AVAILABLE, e.msg, e.details) from None
         a = self.d.allocator
         if a.state() in ("idle", "awaiting-consensus"):
             try:
@@ -306,14 +357,20 @@ class CniService:
         prefix = ident_prefix(conf.name)
         stale = [i for i in list(self.d.allocator.allocations())
                  if i.startswith(prefix) and i not in keep]
+        freed = 0
+        if self.local is not None:  # a kube-node network's
+            for ident in self.local.idents():
+                if ident.startswith(prefix) and ident not in keep:
+                    await self.local.release(ident, f"GC {conf.name}")
+                    freed += 1
         for ident in stale:
             try:
                 await self.d.call(Release(ident, None))
             except ApiError as e:
                 if e.code != "not-found":  # freed meanwhile by a DEL: fine
                     raise _map(e, f"GC {conf.name}") from None
-        if stale:
-            log.info("CNI GC %s: freed %d stale allocation(s)", conf.name, len(stale))
+        if stale or freed:
+            log.info("CNI GC %s: freed %d stale allocation(s)", conf.name, len(stale) + freed)
 
     def _serving(self, what: str) -> None:
         """Refuse (11) while the daemon cannot vouch for its allocations."""

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ..core.allocator import InitMode, RmPeer
 from .client import Driver, count_nodes, make_client, problem
 from .config import KubeError, KubeSettings
+from .reconcile import NodeInfo
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
@@ -108,6 +109,13 @@ class KubeMode:
             return "gone", f"already removed (heir {v.get('heir')})"
         return "done", f"{v.get('moved', 0)} IPs taken over by {v.get('heir')}"
 
+    def own_node(self) -> tuple[bool, NodeInfo | None]:
+        """Whether the Nodes were listed, and this node's Node, current through the watch
+        (kube-node ranges: weaveipam/cni/nodelocal.py)."""
+        if self.driver is None:
+            return False, None
+        return self.driver.rec.nodes_known, self.driver.rec.nodes.get(self.settings.node_name)
+
     def _ring(self) -> tuple[bool, Any]:
         a = self.d.allocator
         return (not a.ring.is_empty(), a.heir_for)
@@ -122,6 +130,8 @@ class KubeMode:
             out |= self.driver.status()
         else:
             out["problems"] = {"nodes": self.counting} if self.counting else {}
+        if self.d.node_local is not None:
+            out["node_ranges"] = self.d.node_local.status()
         return out
 
     def lines(self) -> list[str]:
@@ -139,6 +149,8 @@ class KubeMode:
             rows.append(f"  reclaim of {peer}: {why}")
         for area, text in sorted(st.get("problems", {}).items()):
             rows.append(f"PROBLEM ({area}): {text}")
+        if self.d.node_local is not None:
+            rows += self.d.node_local.lines()
         return rows
 
 

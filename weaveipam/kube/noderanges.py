@@ -32,6 +32,17 @@ class NodeRangeSpec:
     def where(self) -> str:
         return f"annotation {self.annotation}" if self.annotation else "spec.podCIDRs"
 
+    def option(self) -> str:
+        """The CNI config option that asked for these ranges."""
+        return f'annotation "{self.annotation}"' if self.annotation else 'ranges "podCIDRs"'
+
+    @staticmethod
+    def of(where: str) -> NodeRangeSpec:
+        """The spec (without ipv4-namespaces) whose where() this is."""
+        if where.startswith("annotation "):
+            return NodeRangeSpec(where.removeprefix("annotation "))
+        return NodeRangeSpec(None)
+
 
 def parse_spec(ipam: Mapping[str, Any]) -> NodeRangeSpec | None:
     """The kube-node options of an `ipam` object; None if it has none.  ValueError says
@@ -71,8 +82,13 @@ def node_ranges(node: NodeInfo, spec: NodeRangeSpec) -> list[CIDR]:
         raw = dict(node.annotations).get(spec.annotation)
         texts = [t.strip() for t in (raw or "").split(",") if t.strip()]
     if not texts:
-        raise ValueError(f"Node {node.name} has no {spec.where()}: set it (or use the "
-                         "cluster range: drop the ipam ranges/annotation options)")
+        how = (f"annotate the Node (kubectl annotate node {node.name} "
+               f"{spec.annotation}=CIDR[,CIDR])" if spec.annotation else
+               "have the controller-manager assign them (--allocate-node-cidrs) or set them "
+               "when the Node is registered")
+        raise ValueError(f"Node {node.name} has no {spec.where()}: {how}, or drop "
+                         f"ipam.{'annotation' if spec.annotation else 'ranges'} to "
+                         "allocate from the cluster range")
     out = []
     for t in texts:
         try:
@@ -96,10 +112,11 @@ def for_pod(ranges: list[CIDR], namespace: str | None, spec: NodeRangeSpec
     return out
 
 
-def changed(old: list[CIDR], new: list[CIDR], node: str, spec: NodeRangeSpec) -> str | None:
-    """The status warning when the node's ranges changed: old allocations stay."""
+def changed(old: list[CIDR], new: list[CIDR], node: str, where: str) -> str | None:
+    """The status warning when the node's ranges changed (`where`: NodeRangeSpec.where());
+    old allocations stay."""
     if old == new:
         return None
-    return (f"Node {node} {spec.where()} changed from {', '.join(map(str, old)) or 'none'} "
+    return (f"Node {node} {where} changed from {', '.join(map(str, old)) or 'none'} "
             f"to {', '.join(map(str, new)) or 'none'}: existing pods keep their addresses, "
             "new ones come from the new ranges")
