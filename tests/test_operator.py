@@ -205,18 +205,22 @@ def test_joiners_with_another_consensus_join_the_ring_that_exists(cluster: Clust
     _no_split(cluster.nodes)
 
 
-def test_data_dir_lost_comes_back_as_a_new_peer(cluster: Cluster) -> None:
-    """Item 2: B holds 10 addresses, is stopped and its data dir deleted.  It restarts as
-    a new peer (a new random name): it never re-issues the old addresses, the status says
-    the old name owns space and is unreachable, and rmpeer frees that space."""
+def _a_and_unnamed_b_holding(cluster: Cluster) -> tuple[Node, Unnamed, dict[str, str]]:
+    """A (named) and B (named by its data dir), consensus=2; A holds 3 addresses, B 10."""
     (a,) = cluster.add(1, init="consensus=2", connect=False, start=False)
     b = _unnamed(cluster, "consensus=2")
     a.peers = [b.peer_addr]
     a.start(wait=False)
     b.start()
     a.wait_up()
-    old_b = _alloc_many(b, "b", 10)
-    held = _alloc_many(a, "a", 3) | old_b
+    return a, b, _alloc_many(a, "a", 3) | _alloc_many(b, "b", 10)
+
+
+def test_data_dir_lost_comes_back_as_a_new_peer(cluster: Cluster) -> None:
+    """Item 2: B holds 10 addresses, is stopped and its data dir deleted.  It restarts as
+    a new peer (a new random name): it never re-issues the old addresses, the status says
+    the old name owns space and is unreachable, and rmpeer frees that space."""
+    a, b, held = _a_and_unnamed_b_holding(cluster)
     old = b.name
     assert b.stop() == 0
     shutil.rmtree(b.data_dir)
@@ -244,14 +248,7 @@ def test_store_emptied_with_the_name_kept_refuses_and_its_advice_is_safe(
     """Item 2: B holds 10 addresses, is stopped and ipam.db truncated to 0 bytes, the
     peer-name file kept.  B refuses to start and says what to do; doing it brings B back
     under a new name that re-issues none of the old addresses."""
-    (a,) = cluster.add(1, init="consensus=2", connect=False, start=False)
-    b = _unnamed(cluster, "consensus=2")
-    a.peers = [b.peer_addr]
-    a.start(wait=False)
-    b.start()
-    a.wait_up()
-    old_b = _alloc_many(b, "b", 10)
-    held = _alloc_many(a, "a", 3) | old_b
+    a, b, held = _a_and_unnamed_b_holding(cluster)
     old = b.name
     assert b.stop() == 0
     db = b.data_dir / "ipam.db"

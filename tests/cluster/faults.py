@@ -380,16 +380,24 @@ class FaultInjector:
             for gen in gens:
                 self.rmpeers.append(RmpeerEvent(x.node.idx, gen, old, t_first))
 
-    async def _wipe_data(self, f: Fault, rng: random.Random) -> None:
-        """The data dir lost: the node comes back as a new peer (a new name) and, as a
-        joiner, with another --ipalloc-init.  Its old pods are taken to live on (their
-        addresses stay held) until the operator rmpeers the old name."""
-        x, wl = self.clients[f.nodes[0]], self._wl()
+    async def _lose_state(self, f: Fault, x: NodeClient) -> tuple[int, str, int]:
+        """Kill the node with its workers parked, which then forget what they held there
+        (those pods' addresses stay held until the old name is rmpeered): the node's
+        index, old name and incarnation."""
+        wl = self._wl()
         idx, old, gen = x.node.idx, x.node.name, x.node.gen
         await wl.park(idx)
         await asyncio.to_thread(x.node.kill)
         wl.forget(idx)
         f.detail.update(name=old, wiped=[idx, gen], in_use=self._holding(idx, gen))
+        return idx, old, gen
+
+    async def _wipe_data(self, f: Fault, rng: random.Random) -> None:
+        """The data dir lost: the node comes back as a new peer (a new name) and, as a
+        joiner, with another --ipalloc-init.  Its old pods are taken to live on (their
+        addresses stay held) until the operator rmpeers the old name."""
+        x, wl = self.clients[f.nodes[0]], self._wl()
+        idx, old, gen = await self._lose_state(f, x)
         await asyncio.to_thread(x.node.wipe)
         f.detail["init"] = self._other_init(x, rng)
         try:
@@ -405,11 +413,7 @@ class FaultInjector:
         with no records and its ranges marked in use, it must stop in `lost-state`.  The
         operator follows that advice: a new data dir (a new name), rmpeer the old name."""
         x, wl = self.clients[f.nodes[0]], self._wl()
-        idx, old, gen = x.node.idx, x.node.name, x.node.gen
-        await wl.park(idx)
-        await asyncio.to_thread(x.node.kill)
-        wl.forget(idx)
-        f.detail.update(name=old, wiped=[idx, gen], in_use=self._holding(idx, gen))
+        idx, old, gen = await self._lose_state(f, x)
         db = x.node.data_dir / "ipam.db"
         f.detail["store"] = how = rng.choice(["deleted", "emptied"])
         if how == "emptied":
