@@ -367,3 +367,38 @@ def test_reset_of_a_node_with_pod_routes_exits_cleanly_and_removes_them() -> Non
         assert n1.proc is not None and n1.proc.wait(30) == 0, n1.log_tail()
         assert "Traceback" not in n1.log_tail(), n1.log_tail()
         assert routes(n1) == []
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "the 0-byte-store advice says to move ipam.db aside and run `weaveipam reset "
+    "--data-dir`; reset finds no ipam.db ('nothing to discard') and leaves ipam.db-wal, "
+    "which sqlite replays into the store the daemon creates next: the old records come "
+    "back (all of them, or a fragment after a checkpoint, which either fails the start "
+    "again or, seen in the chaos cluster, serves from a partial state). Fix: reset (and "
+    "the store's creation) removes -wal/-shm without a main file, and the advice names "
+    "them"))
+def test_following_the_empty_store_advice_starts_from_empty_state(cluster: Cluster) -> None:
+    """Item 2 with the name pinned: B holds 10 addresses and is killed, ipam.db truncated.
+    Doing exactly what B then says must start it with empty state, as the advice says,
+    and so in `lost-state` (its ranges are in use), not with records brought back."""
+    a, b = cluster.add(2)
+    held = _alloc_many(b, "b", 10)
+    b.kill()  # SIGKILL: the WAL is not checkpointed into ipam.db
+    db = b.data_dir / "ipam.db"
+    os.truncate(db, 0)
+    b.start(wait=False)
+    assert b.proc is not None and b.proc.wait(30) == 1
+    said = b.log_tail(1)
+    assert f"move {db} aside" in said and f"weaveipam reset --data-dir {b.data_dir}`" in said
+    db.rename(db.with_suffix(".db.aside"))
+    r = subprocess.run([sys.executable, "-m", "weaveipam", "reset", "--data-dir",
+                        str(b.data_dir), "--socket", str(b.socket)],
+                       capture_output=True, text=True, timeout=60, cwd=REPO,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert r.returncode == 0, r
+    b.start()
+    rep = wait_for(lambda: (r := b.report())["state"] in ("ready", "lost-state") and r,
+                   what="ready or lost-state")
+    back = [k for k in held if b.api("GET", f"/ip/{k}")[0] == 200]
+    assert not back, f"records the advice said were lost came back: {back}"
+    assert rep["state"] == "lost-state", rep["status"]
