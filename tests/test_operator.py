@@ -11,14 +11,13 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
-from daemons import REPO, Cluster, Node, cluster, wait_for  # noqa: F401
+from daemons import Cluster, Node, cluster, wait_for  # noqa: F401
 from stranger import forge_hello
+from test_cli import run
 
 __all__ = ["cluster"]
 
@@ -216,6 +215,15 @@ def _a_and_unnamed_b_holding(cluster: Cluster) -> tuple[Node, Unnamed, dict[str,
     return a, b, _alloc_many(a, "a", 3) | _alloc_many(b, "b", 10)
 
 
+def _follow_empty_store_advice(b: Node) -> None:
+    """What a 0-byte store's message says when there is no backup: move ipam.db aside
+    and run `weaveipam reset --data-dir` (with no daemon running)."""
+    db = b.data_dir / "ipam.db"
+    db.rename(db.with_suffix(".db.aside"))
+    r = run("reset", "--data-dir", str(b.data_dir), "--socket", str(b.socket))
+    assert r.returncode == 0, r
+
+
 def test_data_dir_lost_comes_back_as_a_new_peer(cluster: Cluster) -> None:
     """Item 2: B holds 10 addresses, is stopped and its data dir deleted.  It restarts as
     a new peer (a new random name): it never re-issues the old addresses, the status says
@@ -261,13 +269,7 @@ def test_store_emptied_with_the_name_kept_refuses_and_its_advice_is_safe(
     assert f"weaveipam reset --data-dir {b.data_dir}`" in said, said
     assert "Traceback" not in said
     assert db.stat().st_size == 0  # left as it was
-    # the advice: no backup here, so move it aside and reset the data dir
-    db.rename(db.with_suffix(".db.aside"))
-    r = subprocess.run([sys.executable, "-m", "weaveipam", "reset", "--data-dir",
-                        str(b.data_dir), "--socket", str(b.socket)],
-                       capture_output=True, text=True, timeout=60, cwd=REPO,
-                       env=dict(os.environ, PYTHONPATH=str(REPO)))
-    assert r.returncode == 0, r
+    _follow_empty_store_advice(b)
     b.start()
     assert b.name != old
     log = b.log_tail(20)
@@ -359,10 +361,7 @@ def test_reset_of_a_node_with_pod_routes_exits_cleanly_and_removes_them() -> Non
 
     with namespace_nodes(2, RoutedNode) as (n0, n1):
         wait_for(lambda: routes(n0) and routes(n1), what="pod routes on both nodes")
-        r = subprocess.run([sys.executable, "-m", "weaveipam", "reset", "--force"],
-                           capture_output=True, text=True, timeout=60, cwd=REPO,
-                           env=dict(os.environ, PYTHONPATH=str(REPO),
-                                    WEAVEIPAM_SOCKET=str(n1.socket)))
+        r = run("reset", "--force", env={"WEAVEIPAM_SOCKET": str(n1.socket)})
         assert r.returncode == 0 and "handed" in r.stdout, r
         assert n1.proc is not None and n1.proc.wait(30) == 0, n1.log_tail()
         assert "Traceback" not in n1.log_tail(), n1.log_tail()
@@ -390,12 +389,7 @@ def test_following_the_empty_store_advice_starts_from_empty_state(cluster: Clust
     assert b.proc is not None and b.proc.wait(30) == 1
     said = b.log_tail(1)
     assert f"move {db} aside" in said and f"weaveipam reset --data-dir {b.data_dir}`" in said
-    db.rename(db.with_suffix(".db.aside"))
-    r = subprocess.run([sys.executable, "-m", "weaveipam", "reset", "--data-dir",
-                        str(b.data_dir), "--socket", str(b.socket)],
-                       capture_output=True, text=True, timeout=60, cwd=REPO,
-                       env=dict(os.environ, PYTHONPATH=str(REPO)))
-    assert r.returncode == 0, r
+    _follow_empty_store_advice(b)
     b.start()
     rep = wait_for(lambda: (r := b.report())["state"] in ("ready", "lost-state") and r,
                    what="ready or lost-state")
