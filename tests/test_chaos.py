@@ -53,7 +53,8 @@ def test_chaos_cluster(tmp_path: Path) -> None:
     # per second is a figure in summary.json and the README, not a pass/fail bound)
     for node, by_kind in s["acknowledged_by_node"].items():
         assert set(by_kind) == {"allocate", "claim", "release"}, (node, by_kind)
-    if seconds >= 60:
-        assert set(s["faults_by_kind"]) == set(kinds or KINDS), s["faults_by_kind"]
+    chosen = kinds or list(KINDS)
+    if seconds >= 15 * len(chosen):  # every kind runs once first: 80 to 120 s for all 11
+        assert set(s["faults_by_kind"]) == set(chosen), s["faults_by_kind"]
         if "rmpeer" in s["faults_by_kind"]:
             assert any(r.get("removed") for r in s["rmpeers"]), s["rmpeers"]
