@@ -98,7 +98,7 @@ class Workload:
         return f"c{node}-{self.seq}"
 
     async def do(self, c: NodeClient, op: str, method: str, path: str, ident: str,
-                  address: str) -> Op:
+                 address: str) -> Op:
         node = c.node
         gen = node.gen
         t0 = self.h.now()
@@ -142,7 +142,7 @@ class Workload:
                 addr = released.pop(rng.randrange(len(released)))
                 ident = self._ident(c.node.idx)
                 rec = await self.do(c, "claim", "PUT", f"/ip/{ident}/{addr}/{self.prefix}",
-                                     ident, addr)
+                                    ident, addr)
                 if rec.ok:
                     held.append((ident, addr))
             else:
