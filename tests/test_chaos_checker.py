@@ -165,6 +165,86 @@ def test_clean_history_passes() -> None:
     assert check(run) == []
 
 
+# ---- operators and strangers (issue 9) and the pod probe (issue 16) -------------------------
+
+OLD = "02:c5:00:00:00:03"
+
+
+def wipe_fault(kind: str, node: int, **detail: Any) -> Fault:
+    d: dict[str, Any] = {"name": OLD, "wiped": [node, 0], "in_use": 1, "fresh_up": True,
+                         "rmpeer_answer": [200, "8192 IPs taken over"]}
+    d.update(detail)
+    return Fault(kind, [node], 10.0, 30.0, d)
+
+
+def test_wiped_holds_stay_held_until_the_old_name_is_rmpeered() -> None:
+    """The Weave #2610 bug: a node back without its state re-issues what its old pods hold."""
+    ops = [op("allocate", 2, "f", X, 1.0, gen=0),
+           op("allocate", 2, "g", X, 12.0, gen=1)]  # the new peer hands out f's address
+    run = record(ops, {2: {"g": [X]}}, faults=[wipe_fault("wipe-data", 2)],
+                 rmpeers=[RmpeerEvent(2, 0, OLD, 20.0)])
+    assert kinds(run) == ["duplicate"]
+    # after the rmpeer (the operator said the old pods are gone) it may, and the lost hold
+    # is never expected in a final state
+    ops[1] = op("allocate", 2, "g", X, 21.0, gen=1)
+    assert check(record(ops, {2: {"g": [X]}}, faults=[wipe_fault("wipe-data", 2)],
+                        rmpeers=[RmpeerEvent(2, 0, OLD, 20.0)])) == []
+    # the rmpeer refused: the hold is still never expected back, only the advice failed
+    failed = wipe_fault("wipe-data", 2, rmpeer_answer=[409, "still reachable"])
+    assert kinds(record(ops[:1], faults=[failed])) == ["advice-failed"]
+
+
+def test_lost_state_not_detected_or_allocating() -> None:
+    f = wipe_fault("wipe-store", 2, lost_gen=1, state="ready", up=True)
+    ops = [op("allocate", 2, "f", X, 1.0, gen=0), op("allocate", 2, "g", Y, 12.0, gen=1)]
+    run = record(ops, faults=[f], rmpeers=[RmpeerEvent(2, 0, OLD, 20.0),
+                                           RmpeerEvent(2, 1, OLD, 20.0)])
+    assert kinds(run) == ["lost-state-allocated", "lost-state-undetected"]
+    f.detail["state"] = "lost-state"
+    assert check(record(ops[:1], faults=[f], rmpeers=run.rmpeers)) == []
+
+
+def test_operator_advice_and_resets() -> None:
+    cases = [
+        (wipe_fault("wipe-store", 2, lost_gen=1, state="lost-state",
+                    empty_store=[None, "started"]), "empty-store-accepted"),
+        (wipe_fault("wipe-data", 2, rmpeer_answer=[409, "still reachable"]), "advice-failed"),
+        (wipe_fault("wipe-store", 2, lost_gen=1, state="lost-state",
+                    reset_data_dir=[1, "a daemon is running"]), "advice-failed"),
+        (Fault("reset", [1], 5.0, 6.0, {"reset_answer": [204, ""],
+                                        "guard": [X, 200, X]}), "reset-not-refused"),
+        (Fault("reset", [1], 5.0, 6.0, {"reset_answer": [409, "5 addresses"],
+                                        "guard": [X, 404, ""]}), "reset-changed-state"),
+        (Fault("init", [1], 5.0, 9.0, {"init": "consensus=1", "up": True,
+                                       "up_states": ["awaiting-consensus", "split"]}),
+         "split"),
+        (Fault("forged-hello", [0], 5.0, 6.0, {"answers": [[None, True]], "state": "ready"}),
+         "stranger-accepted"),
+        (Fault("forged-hello", [0], 5.0, 6.0, {"answers": [["own name", False]],
+                                               "state": "duplicate-name"}),
+         "stranger-disturbed"),
+        (Fault("forged-hello", [0], 5.0, 6.0, {"answers": [["already connected", False]],
+                                               "state": "ready", "link_kept": False}),
+         "stranger-disturbed"),
+    ]
+    for fault, kind in cases:
+        assert kinds(record([], faults=[fault])) == [kind], fault
+    clean = [wipe_fault("wipe-store", 2, lost_gen=1, state="lost-state",
+                        empty_store=[1, "is empty (0 bytes)"], reset_data_dir=[0, "ok"]),
+             Fault("reset", [1], 5.0, 6.0, {"reset_answer": [409, "5 addresses"],
+                                            "guard": [X, 200, X]}),
+             Fault("init", [1], 5.0, 9.0, {"up": True, "up_states": ["rejoining", "ready"]}),
+             Fault("forged-hello", [0], 5.0, 6.0, {"answers": [["own name", False]],
+                                                   "state": "ready", "link_kept": True})]
+    assert check(record([], faults=clean)) == []
+
+
+def test_pod_probe_failures_are_violations() -> None:
+    pods = [{"kind": "pod-unreachable", "node": 0, "address": Y, "from": [0, X],
+             "to": [1, Y], "detail": "100% packet loss"}]
+    assert kinds(record([], pods=pods)) == ["pod-unreachable"]
+
+
 # ---- a missing capability under CI -----------------------------------------------------------
 
 

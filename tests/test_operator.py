@@ -1,17 +1,23 @@
-"""What operators and strangers do to real daemons: forged hellos, SIGTERM with waiting
-work, claims of subnet edges, rmpeer by nickname (issue 9, items 3, 5 and 7)."""
+"""What operators and strangers do to real daemons (issue 9): a joiner with another
+`--ipalloc-init` (item 1), lost state (2), forged hellos (3), reset of a lone node (4),
+SIGTERM with waiting work (5), claims of subnet edges and rmpeer by nickname (7)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import re
+import shutil
 import signal
 import socket
 import threading
 import time
 
+import pytest
 from daemons import Cluster, Node, cluster, wait_for  # noqa: F401
 from stranger import forge_hello
+from test_cli import run
 
 __all__ = ["cluster"]
 
@@ -134,3 +140,260 @@ def test_small_things_an_operator_tries(cluster: Cluster) -> None:
     assert "Traceback" not in log, log
     assert "Got more than 8190 bytes" in log and "Invalid char in url path" in log, log
     assert n.allocate("last")
+
+
+# ---- issue 9, items 1, 2 and 4: as its repro says, on real daemons -------------------------
+
+class Unnamed(Node):
+    """A daemon started as the README's examples start it: no --name, so the name comes
+    from its data dir (a new random one for new state)."""
+
+    def argv(self) -> list[str]:
+        argv = super().argv()
+        i = argv.index("--name")
+        return argv[:i] + argv[i + 2:]
+
+    def start(self, wait: bool = True) -> Node:
+        super().start(wait)
+        if wait:
+            self.name = self.report()["name"]
+        return self
+
+
+def _unnamed(cluster: Cluster, init: str) -> Unnamed:
+    n = Unnamed(len(cluster.nodes), cluster.root, range_="10.32.0.0/12", init=init)
+    n.peers = [m.peer_addr for m in cluster.nodes]
+    cluster.nodes.append(n)
+    return n
+
+
+def _alloc_many(node: Node, prefix: str, k: int) -> dict[str, str]:
+    return {f"{prefix}{i}": node.allocate(f"{prefix}{i}") for i in range(k)}
+
+
+def _no_split(nodes: list[Node]) -> None:
+    for n in nodes:
+        rep = n.report()
+        assert rep["state"] != "split", (n.nickname, rep["status"])
+        assert "seeded by different peers" not in n.status("/status")[1]
+
+
+def _rings(nodes: list[Node]) -> set[tuple[tuple[str, int, str], ...]]:
+    return {tuple((e["token"], e["size"], e["peer"]) for e in n.report()["entries"])
+            for n in nodes}
+
+
+def test_joiners_with_another_consensus_join_the_ring_that_exists(cluster: Cluster) -> None:
+    """Item 1: A and B run consensus=2 and hold addresses; C joins with consensus=1 (the
+    default) and D with consensus=5, both given A and B as peers, and allocate at once."""
+    a, b = cluster.add(2, init="consensus=2")
+    held = _alloc_many(a, "a", 5) | _alloc_many(b, "b", 5)
+    for init, tag in (("consensus=1", "c"), ("consensus=5", "d")):
+        (j,) = cluster.add(1, init=init, start=False)
+        j.peers = [a.peer_addr, b.peer_addr]
+        j.start()
+        got = _alloc_many(j, tag, 10)  # waits for the ring, as a kubelet's first pod does
+        assert not set(got.values()) & set(held.values()), (init, got, held)
+        assert len(set(got.values())) == 10
+        held |= got
+        _no_split(cluster.nodes)
+    wait_for(lambda: len(_rings(cluster.nodes)) == 1, what="one ring on every node")
+    assert {e["peer"] for e in a.report()["entries"]} == {n.name for n in cluster.nodes}
+    for n in cluster.nodes:  # all allocate afterwards, nothing handed out twice
+        held[f"after-{n.nickname}"] = n.allocate(f"after-{n.nickname}")
+    assert len(set(held.values())) == len(held)
+    _no_split(cluster.nodes)
+
+
+def _a_and_unnamed_b_holding(cluster: Cluster) -> tuple[Node, Unnamed, dict[str, str]]:
+    """A (named) and B (named by its data dir), consensus=2; A holds 3 addresses, B 10."""
+    (a,) = cluster.add(1, init="consensus=2", connect=False, start=False)
+    b = _unnamed(cluster, "consensus=2")
+    a.peers = [b.peer_addr]
+    a.start(wait=False)
+    b.start()
+    a.wait_up()
+    return a, b, _alloc_many(a, "a", 3) | _alloc_many(b, "b", 10)
+
+
+def _follow_empty_store_advice(b: Node) -> None:
+    """What a 0-byte store's message says when there is no backup: move ipam.db aside
+    and run `weaveipam reset --data-dir` (with no daemon running)."""
+    db = b.data_dir / "ipam.db"
+    db.rename(db.with_suffix(".db.aside"))
+    r = run("reset", "--data-dir", str(b.data_dir), "--socket", str(b.socket))
+    assert r.returncode == 0, r
+
+
+def test_data_dir_lost_comes_back_as_a_new_peer(cluster: Cluster) -> None:
+    """Item 2: B holds 10 addresses, is stopped and its data dir deleted.  It restarts as
+    a new peer (a new random name): it never re-issues the old addresses, the status says
+    the old name owns space and is unreachable, and rmpeer frees that space."""
+    a, b, held = _a_and_unnamed_b_holding(cluster)
+    old = b.name
+    assert b.stop() == 0
+    shutil.rmtree(b.data_dir)
+    b.start()
+    assert b.name != old
+    new_b = _alloc_many(b, "n", 10)
+    assert not set(new_b.values()) & set(held.values()), (new_b, held)
+    assert b.lookup("b0") == []  # the old records are gone with the data dir
+    owners = {e["peer"] for e in a.report()["entries"]}
+    assert owners == {a.name, b.name, old}
+    status = a.status("/status")[1]
+    assert "1 peer(s) owning IP space are unreachable" in status, status
+    assert "weaveipam rmpeer NAME" in status, status
+    # the old pods are gone: the operator frees the old name's ranges
+    code, text = a.api("DELETE", f"/peer/{old}")
+    assert code == 200 and f"taken over from {old}" in text, (code, text)
+    wait_for(lambda: old not in {e["peer"] for e in b.report()["entries"]}, what="handover")
+    assert "unreachable" not in a.status("/status")[1]
+    more = _alloc_many(a, "m", 5) | _alloc_many(b, "o", 5)
+    assert len(set(more.values()) | set(new_b.values())) == 20
+
+
+def test_store_emptied_with_the_name_kept_refuses_and_its_advice_is_safe(
+        cluster: Cluster) -> None:
+    """Item 2: B holds 10 addresses, is stopped and ipam.db truncated to 0 bytes, the
+    peer-name file kept.  B refuses to start and says what to do; doing it brings B back
+    under a new name that re-issues none of the old addresses."""
+    a, b, held = _a_and_unnamed_b_holding(cluster)
+    old = b.name
+    assert b.stop() == 0
+    db = b.data_dir / "ipam.db"
+    os.truncate(db, 0)
+    assert (b.data_dir / "peer-name").read_text().strip() == old
+    b.start(wait=False)
+    assert b.proc is not None and b.proc.wait(30) == 1
+    said = b.log_tail(10)
+    assert "is empty (0 bytes)" in said and "never replaces a store silently" in said, said
+    assert f"weaveipam reset --data-dir {b.data_dir}`" in said, said
+    assert "Traceback" not in said
+    assert db.stat().st_size == 0  # left as it was
+    _follow_empty_store_advice(b)
+    b.start()
+    assert b.name != old
+    log = b.log_tail(20)
+    assert f"The earlier peer {old} of this data dir lost its state" in log, log
+    assert f"run `weaveipam rmpeer {old}` on another node" in log, log
+    new_b = _alloc_many(b, "n", 10)
+    assert not set(new_b.values()) & set(held.values()), (new_b, held)
+    _no_split(cluster.nodes)
+
+
+def test_store_lost_under_a_kept_name_stops_with_lost_state(cluster: Cluster) -> None:
+    """Item 2 for an operator who pins --name: the store is gone, the name given again.
+    The node stops in `lost-state` (nothing handed out) and says what to do; doing it
+    (restart without --name, rmpeer the old name) ends with no address twice."""
+    a, b = cluster.add(2)
+    held = _alloc_many(a, "a", 3) | _alloc_many(b, "b", 10)
+    assert b.stop() == 0
+    for f in b.data_dir.glob("ipam.db*"):
+        f.unlink()
+    b.start()
+    rep = wait_for(lambda: (r := b.report())["state"] == "lost-state" and r,
+                   what="lost-state")
+    assert "none are handed out" in rep["status"] or "lost" in rep["status"], rep
+    code, text = b.api("POST", "/ip/fresh")
+    assert code == 503, (code, text)
+    assert "data dir was lost" in text and f"weaveipam rmpeer {b.name}" in text, text
+    assert "drop --name" in text, text
+    assert b.status("/readyz")[0] == 503
+    assert a.allocate("a-meanwhile") not in held.values()
+    # the advice: a new name (a new data dir gets one), then rmpeer of the old one
+    old = b.name
+    assert b.stop() == 0
+    nb = _unnamed(cluster, b.init)
+    nb.peers = list(b.peers)
+    # without --name on the same data dir the name comes from the (new, empty) store:
+    # the same name, and still lost-state; nothing is handed out
+    nb.data_dir = b.data_dir
+    nb.start()
+    assert nb.name == old
+    wait_for(lambda: nb.report()["state"] == "lost-state", what="lost-state again")
+    assert nb.api("POST", "/ip/fresh")[0] == 503
+    assert nb.stop() == 0
+    nb.data_dir = b.dir / "data-new"  # "a new data dir gets one"
+    nb.start()
+    assert nb.name != old
+    got = _alloc_many(nb, "n", 10)
+    assert not set(got.values()) & set(held.values()), (got, held)
+    code, text = a.api("DELETE", f"/peer/{old}")
+    assert code == 200, (code, text)
+    wait_for(lambda: len(_rings([a, nb])) == 1, what="one ring")
+    assert old not in {e["peer"] for e in nb.report()["entries"]}
+    assert nb.allocate("after") not in got.values()
+
+
+def test_reset_of_a_lone_node_with_allocations(cluster: Cluster) -> None:
+    """Item 4: reset on a lone node holding 5 addresses is refused with the reason and
+    changes nothing, also over a restart; --force is accepted and says what it dropped."""
+    (n,) = cluster.add(1, init="consensus=1")
+    held = _alloc_many(n, "p", 5)
+    code, text = n.api("DELETE", "/peer")
+    assert code == 409, (code, text)
+    assert "5 addresses are still allocated here" in text, text
+    assert "no peer is reachable to take the ranges" in text, text
+    assert "weaveipam reset --force" in text, text
+    assert {k: n.lookup(k) for k in held} == {k: [v] for k, v in held.items()}
+    assert n.report()["state"] == "ready"
+    assert n.stop() == 0
+    n.start()
+    wait_for(lambda: n.status("/readyz")[0] == 200, what="ready after the restart")
+    assert {k: n.lookup(k) for k in held} == {k: [v] for k, v in held.items()}
+    again = _alloc_many(n, "q", 5)
+    assert not set(again.values()) & set(held.values()), (again, held)
+    # forced: the operator knows the pods are gone
+    code, text = n.api("DELETE", "/peer?force=true", json_=True)
+    assert code == 200, (code, text)
+    assert json.loads(text)["dropped"] == 10, text
+    assert all(n.lookup(k) == [] for k in held | again)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "weaveipam/routes.py keep_routes: at exit after a reset it calls table.sync on the "
+    "event loop's thread, where pyroute2 tries the running uvloop loop ('cannot open a "
+    "UDP handle, invalid family 16'); the daemon exits 1 with a traceback. Fix: run that "
+    "last sync with asyncio.to_thread, as the loop does"))
+def test_reset_of_a_node_with_pod_routes_exits_cleanly_and_removes_them() -> None:
+    """`weaveipam reset --force` (hand over, discard, stop) on a --pod-routes daemon: it
+    stops with exit 0, no traceback, and none of its routes stay (issue 16, item 3)."""
+    from test_cni_routed import RoutedNode, namespace_nodes, routes
+
+    with namespace_nodes(2, RoutedNode) as (n0, n1):
+        wait_for(lambda: routes(n0) and routes(n1), what="pod routes on both nodes")
+        r = run("reset", "--force", env={"WEAVEIPAM_SOCKET": str(n1.socket)})
+        assert r.returncode == 0 and "handed" in r.stdout, r
+        assert n1.proc is not None and n1.proc.wait(30) == 0, n1.log_tail()
+        assert "Traceback" not in n1.log_tail(), n1.log_tail()
+        assert routes(n1) == []
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "the 0-byte-store advice says to move ipam.db aside and run `weaveipam reset "
+    "--data-dir`; reset finds no ipam.db ('nothing to discard') and leaves ipam.db-wal, "
+    "which sqlite replays into the store the daemon creates next: the old records come "
+    "back (all of them, or a fragment after a checkpoint, which either fails the start "
+    "again or, seen in the chaos cluster, serves from a partial state). Fix: reset (and "
+    "the store's creation) removes -wal/-shm without a main file, and the advice names "
+    "them"))
+def test_following_the_empty_store_advice_starts_from_empty_state(cluster: Cluster) -> None:
+    """Item 2 with the name pinned: B holds 10 addresses and is killed, ipam.db truncated.
+    Doing exactly what B then says must start it with empty state, as the advice says,
+    and so in `lost-state` (its ranges are in use), not with records brought back."""
+    a, b = cluster.add(2)
+    held = _alloc_many(b, "b", 10)
+    b.kill()  # SIGKILL: the WAL is not checkpointed into ipam.db
+    db = b.data_dir / "ipam.db"
+    os.truncate(db, 0)
+    b.start(wait=False)
+    assert b.proc is not None and b.proc.wait(30) == 1
+    said = b.log_tail(1)
+    assert f"move {db} aside" in said and f"weaveipam reset --data-dir {b.data_dir}`" in said
+    _follow_empty_store_advice(b)
+    b.start()
+    rep = wait_for(lambda: (r := b.report())["state"] in ("ready", "lost-state") and r,
+                   what="ready or lost-state")
+    back = [k for k in held if b.api("GET", f"/ip/{k}")[0] == 200]
+    assert not back, f"records the advice said were lost came back: {back}"
+    assert rep["state"] == "lost-state", rep["status"]

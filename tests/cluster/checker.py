@@ -21,6 +21,23 @@ time after it was sent.
   last fault.
 - **cannot-allocate-at-end**, **final-duplicate**, **no-final-state**, **server-error**
   (an answered 5xx other than 503).
+
+Operators and strangers (issue 9).  A node whose data dir or store was wiped lost its
+holds: they are never expected in a final state, but stay held (no one else may hand them
+out) until the operator's rmpeer of the old name; a forced reset ends its node's holds as
+an rmpeer does.
+- **split**: a node restarted or joining with another `--ipalloc-init` reported `split`.
+- **lost-state-undetected** / **lost-state-allocated**: a node back with its store lost,
+  its name kept and addresses in use became ready, or acknowledged an allocation.
+- **empty-store-accepted**: a node started on a 0-byte store instead of refusing.
+- **advice-failed**: doing what a stopped node advised (reset of the data dir, rmpeer of
+  the old name) was refused.
+- **reset-not-refused** / **reset-changed-state**: `DELETE /peer` on a node holding
+  addresses went through, or the node lost an allocation it held.
+- **stranger-accepted** / **stranger-disturbed**: a forged hello was not refused, or it
+  left the node in `duplicate-name` or broke its link to the peer whose name it used.
+- **pod-unreachable**: in the final probe a pod on one node did not answer a ping from a
+  pod on another (see run.py).
 """
 
 from __future__ import annotations
@@ -69,6 +86,7 @@ class RunRecord:
     healthy: dict[int, bool] = field(default_factory=dict)   # /healthz after the heal
     end_alloc: list[tuple[int, int, str]] = field(default_factory=list)
     limit_s: float = CONVERGE_LIMIT
+    pods: list[dict[str, Any]] = field(default_factory=list)  # pod-unreachable, run.py
 
 
 def intervals(ops: list[Op], rmpeers: list[RmpeerEvent]) -> list[Held]:
@@ -89,7 +107,7 @@ def check(run: RunRecord) -> list[dict[str, Any]]:
     """Violations found, each with its `kind`; one per (kind, node, ident, address)."""
     held = intervals(run.ops, run.rmpeers)
     v = (_duplicates(held) + _lost(run, held) + _resurrected(run) + _faults(run)
-         + _recovery(run) + _final_duplicates(run))
+         + _operators(run) + _recovery(run) + _final_duplicates(run) + run.pods)
     v += [{"kind": "server-error", "op": o.op, "node": o.node, "ident": o.ident,
            "answer": [o.status, o.detail], "t": round(o.t1, 3)}
           for o in run.ops if o.status >= 500 and o.status != 503]
@@ -133,7 +151,7 @@ def _lost(run: RunRecord, held: list[Held]) -> list[dict[str, Any]]:
                     v.append({"kind": "lost", "node": h.node, "ident": h.ident,
                               "address": h.address, "t": round(o.t1, 3),
                               "how": "release answered 404"})
-    reset = {(r.node, r.gen) for r in run.rmpeers}
+    reset = {(r.node, r.gen) for r in run.rmpeers} | wiped(run)
     for h in held:
         if h.end != math.inf or (h.node, h.gen) in reset:
             continue
@@ -144,6 +162,59 @@ def _lost(run: RunRecord, held: list[Held]) -> list[dict[str, Any]]:
             v.append({"kind": "lost", "node": h.node, "ident": h.ident,
                       "address": h.address, "t": round(h.start, 3),
                       "how": "not in the node's final state"})
+    return v
+
+
+def wiped(run: RunRecord) -> set[tuple[int, int]]:
+    """Incarnations whose state an operator fault wiped: their holds are lost on purpose."""
+    return {(f.detail["wiped"][0], f.detail["wiped"][1]) for f in run.faults
+            if "wiped" in f.detail}
+
+
+def _refused(code: int) -> bool:
+    return code == 503 or 400 <= code < 500
+
+
+def _operators(run: RunRecord) -> list[dict[str, Any]]:
+    v: list[dict[str, Any]] = []
+    for f in run.faults:
+        d, node, t = f.detail, f.nodes[0] if f.nodes else None, round(f.t1, 3)
+        for key, states in d.items():
+            if key.endswith("_states") and "split" in states:
+                v.append({"kind": "split", "node": node, "fault": f.kind, "states": states,
+                          "t": t})
+        if f.kind == "wipe-store" and d.get("in_use") and "lost_gen" in d:
+            if d.get("state") == "ready":
+                v.append({"kind": "lost-state-undetected", "node": node, "detail": d,
+                          "t": t})
+            v += [{"kind": "lost-state-allocated", "node": o.node, "ident": o.ident,
+                   "address": o.address, "t": round(o.t1, 3)}
+                  for o in run.ops if o.ok and o.op in ("allocate", "claim")
+                  and o.node == node and o.gen == d["lost_gen"]]
+        if "empty_store" in d and d["empty_store"][0] in (None, 0):
+            v.append({"kind": "empty-store-accepted", "node": node, "answer": d["empty_store"],
+                      "t": t})
+        if d.get("reset_data_dir", [0])[0] != 0 or (
+                f.kind in ("wipe-data", "wipe-store")
+                and _refused(d.get("rmpeer_answer", [200])[0])):
+            v.append({"kind": "advice-failed", "node": node, "fault": f.kind,
+                      "answer": d.get("rmpeer_answer"), "reset": d.get("reset_data_dir"),
+                      "t": t})
+        if f.kind == "reset" and "reset_answer" in d:
+            if d["reset_answer"][0] in (200, 204):
+                v.append({"kind": "reset-not-refused", "node": node,
+                          "answer": d["reset_answer"], "t": t})
+            addr, code, now = d["guard"]
+            if code != -1 and (code, now) != (200, addr):
+                v.append({"kind": "reset-changed-state", "node": node, "guard": d["guard"],
+                          "t": t})
+        if f.kind == "forged-hello":
+            answers = d.get("answers", [])
+            if any(a[1] or (a[0] is None and a[1] is not None) for a in answers):
+                v.append({"kind": "stranger-accepted", "node": node, "answers": answers,
+                          "t": t})
+            if d.get("state") == "duplicate-name" or d.get("link_kept") is False:
+                v.append({"kind": "stranger-disturbed", "node": node, "detail": d, "t": t})
     return v
 
 

@@ -1,23 +1,38 @@
 """Faults combined at random from a seed: SIGKILL + restart, SIGSTOP/SIGCONT, packet loss,
-partitions, rmpeer of a killed node and its return with its old data (then a fresh reset).
+partitions, rmpeer of a killed node and its return with its old data (then a fresh reset),
+and what operators and strangers do (issue 9): a restart with another `--ipalloc-init`, the
+data dir or only the store lost (the operator then follows the node's advice), reset refused
+with allocations and forced once the node's pods are gone, forged hellos.
 
 Two fault lanes run at once; a fault holds the nodes it touches, partitions and rmpeer hold
-the topology, and rmpeer holds the whole cluster, so no two faults fight over one node.
+the topology, and rmpeer (and the other EXCLUSIVE kinds) hold the whole cluster, so no two
+faults fight over one node.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import random
 import signal
+import subprocess
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .client import NodeClient
-from .harness import ChaosNode, sh
-from .workload import History
+from .harness import REPO, ChaosNode, sh
+from .workload import History, Op, Workload
 
-KINDS = {"kill": 3, "pause": 3, "loss": 2, "partition": 3, "rmpeer": 2}
+KINDS = {"kill": 3, "pause": 3, "loss": 2, "partition": 3, "rmpeer": 2,
+         # operators and strangers (issue 9)
+         "init": 2, "wipe-data": 1, "wipe-store": 1, "reset": 1, "reset-force": 1,
+         "forged-hello": 2}
+EXCLUSIVE = {"rmpeer", "wipe-data", "wipe-store", "reset-force"}  # hold the whole cluster
+DOWN = {"kill", "pause", "init"}  # take a process down: one at a time
+OPERATOR = {"init": "_init", "wipe-data": "_wipe_data", "wipe-store": "_wipe_store",
+            "reset": "_reset", "reset-force": "_reset_force", "forged-hello": "_forged_hello"}
 PROBE_TRIES = 3
 
 
@@ -57,6 +72,43 @@ async def wait_healthy(c: NodeClient, timeout: float = 30.0) -> bool:
     return False
 
 
+async def watch_state(c: NodeClient, until: tuple[str, ...], timeout: float = 30.0
+                      ) -> list[str]:
+    """The states a node reports, in order without repeats, until one of `until`."""
+    seen: list[str] = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        rep = await c.report(1.0)
+        state = rep["state"] if rep else ""
+        if state and (not seen or seen[-1] != state):
+            seen.append(state)
+        if state in until:
+            break
+        await asyncio.sleep(0.2)
+    return seen
+
+
+async def wait_exit(node: ChaosNode, timeout: float) -> int | None:
+    """The exit code once the process ends, None if it still runs after `timeout`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        if node.proc is not None and node.proc.poll() is not None:
+            return node.proc.returncode
+        await asyncio.sleep(0.1)
+    return None
+
+
+def python(*argv: str, ns: str | None = None, timeout: float = 60.0
+           ) -> subprocess.CompletedProcess[str]:
+    """Our Python with this tree (and tests/) importable, in namespace `ns` if given."""
+    env = dict(os.environ, PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
+    pre = ["ip", "netns", "exec", ns] if ns else []
+    return subprocess.run([*pre, sys.executable, *argv], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO)
+
+
 class FaultInjector:
     def __init__(self, clients: list[NodeClient], history: History, seed: int,
                  lanes: int = 2, kinds: list[str] | None = None) -> None:
@@ -75,6 +127,7 @@ class FaultInjector:
         self.draining = False
         self.cond = asyncio.Condition()
         self.errors: list[str] = []
+        self.workload: Workload | None = None  # operator faults park a node's workers
 
     @property
     def n(self) -> int:
@@ -106,7 +159,7 @@ class FaultInjector:
     async def _acquire(self, kind: str, rng: random.Random) -> list[int] | None:
         """Nodes for `kind` (marked busy), or None if it cannot run now."""
         async with self.cond:
-            if self.exclusive or (self.draining and kind != "rmpeer"):
+            if self.exclusive or (self.draining and kind not in EXCLUSIVE):
                 return None
             if kind == "partition":
                 if self.topo:
@@ -114,7 +167,7 @@ class FaultInjector:
                 self.topo = True
                 return []
             free = [i for i in range(self.n) if i not in self.busy]
-            if kind == "rmpeer":
+            if kind in EXCLUSIVE:
                 if self.topo or len(free) < self.n:
                     self.draining = True  # no new faults until this one could start
                     return None
@@ -123,7 +176,7 @@ class FaultInjector:
                 pick = [rng.randrange(self.n)]
             else:
                 # keep a majority of processes alive, so the workload keeps going
-                if not free or (kind in ("kill", "pause") and len(self.busy) >= 1):
+                if not free or (kind in DOWN and len(self.busy) >= 1):
                     return None
                 pick = [rng.choice(free)]
             self.busy.update(pick)
@@ -132,9 +185,9 @@ class FaultInjector:
     async def _release(self, kind: str, nodes: list[int]) -> None:
         async with self.cond:
             self.busy.difference_update(nodes)
-            if kind in ("partition", "rmpeer"):
+            if kind == "partition" or kind in EXCLUSIVE:
                 self.topo = False
-            if kind == "rmpeer":
+            if kind in EXCLUSIVE:
                 self.exclusive = False
 
     async def _inject(self, kind: str, rng: random.Random, end: float) -> bool:
@@ -154,6 +207,8 @@ class FaultInjector:
                 await self._partition(f, rng)
             elif kind == "rmpeer":
                 await self._rmpeer(f, rng)
+            elif kind in OPERATOR:
+                await getattr(self, OPERATOR[kind])(f, rng)
         finally:
             f.t1 = self.h.now()
             await self._release(kind, nodes)
@@ -203,17 +258,13 @@ class FaultInjector:
             for c in self.clients:
                 await ipt(c.node, "-F", "WICPART")
 
-    async def _rmpeer(self, f: Fault, rng: random.Random) -> None:
-        x = self.clients[f.nodes[0]]
-        others = [c for c in self.clients if c is not x]
-        name, gen = x.node.name, x.node.gen
-        f.detail["name"] = name
-        await asyncio.to_thread(x.node.kill)
-        # wait until a live peer sees it gone (rmpeer of a reachable peer is refused)
-        asker = rng.choice(others)
+    async def _rmpeer_when_gone(self, asker: NodeClient, name: str, timeout: float = 30.0
+                                ) -> tuple[float, tuple[int, str]]:
+        """rmpeer `name` on `asker` once it sees that peer unreachable (rmpeer of a
+        reachable peer is refused): when first asked, and the last answer."""
         t_first = -1.0
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + 30.0
+        deadline = loop.time() + timeout
         answer: tuple[int, str] = (-1, "not tried")
         while loop.time() < deadline:
             if t_first < 0:
@@ -230,6 +281,17 @@ class FaultInjector:
             await asyncio.sleep(0.5)
         if t_first < 0:  # never seen as unreachable: cannot happen unless the mesh is stuck
             t_first = self.h.now()
+        return t_first, answer
+
+    async def _rmpeer(self, f: Fault, rng: random.Random) -> None:
+        x = self.clients[f.nodes[0]]
+        others = [c for c in self.clients if c is not x]
+        name, gen = x.node.name, x.node.gen
+        f.detail["name"] = name
+        await asyncio.to_thread(x.node.kill)
+        asker = rng.choice(others)
+        t_first, answer = await self._rmpeer_when_gone(asker, name)
+        loop = asyncio.get_running_loop()
         f.detail["rmpeer_answer"] = [answer[0], answer[1].strip()[:120]]
         f.detail["asker"] = asker.node.idx
         await asyncio.sleep(rng.uniform(1.0, 3.0))
@@ -266,3 +328,218 @@ class FaultInjector:
         x.node.start()
         f.detail["fresh_up"] = await wait_healthy(x)
         f.detail["new_name"] = x.node.name
+
+    # ---- operators and strangers (issue 9) ---------------------------------------------
+
+    def _wl(self) -> Workload:
+        assert self.workload is not None, "operator faults need FaultInjector.workload"
+        return self.workload
+
+    def _holding(self, idx: int, gen: int) -> int:
+        """Addresses acknowledged on the node's incarnation and not (maybe) released."""
+        ended = {o.ident for o in self.h.ops if o.op == "release" and o.node == idx
+                 and (o.ok or o.status == -1 or o.status >= 500 and o.status != 503)}
+        return sum(1 for o in self.h.ops if o.ok and o.op in ("allocate", "claim")
+                   and o.node == idx and o.gen == gen and o.ident not in ended)
+
+    def _other_init(self, x: NodeClient, rng: random.Random) -> str:
+        """Another --ipalloc-init than the cluster's: the README's default, a count too
+        big, a seed list of two other peers, or observer."""
+        others = sorted(c.node.name for c in self.clients if c is not x)
+        return rng.choice(["consensus=1", f"consensus={self.n + 2}",
+                           "seed=" + ",".join(sorted(rng.sample(others, 2))), "observer"])
+
+    async def _restart(self, f: Fault, x: NodeClient, key: str, init: str | None = None,
+                       until: tuple[str, ...] = ("ready",)) -> None:
+        """Start the node (with `init` for this start only) and record whether it came up
+        and the states it went through until one of `until`."""
+        x.node.init = init
+        x.node.start()
+        x.node.init = None
+        f.detail[key] = await wait_healthy(x)
+        f.detail[f"{key}_states"] = await watch_state(x, until)
+
+    async def _init(self, f: Fault, rng: random.Random) -> None:
+        """Restarted with another --ipalloc-init (a DaemonSet whose IPALLOC_INIT was
+        edited): it must rejoin the ring it has, never seed or split one."""
+        x = self.clients[f.nodes[0]]
+        await asyncio.to_thread(x.node.kill)
+        await asyncio.sleep(rng.uniform(0.5, 2.0))
+        f.detail["init"] = self._other_init(x, rng)
+        await self._restart(f, x, "up", f.detail["init"])
+
+    async def _advice_rmpeer(self, f: Fault, rng: random.Random, x: NodeClient, old: str,
+                             gens: list[int]) -> None:
+        """What the advice says once the old pods are gone: rmpeer the old name on another
+        node.  The old incarnations' holds end at the first request (if it may have
+        taken effect)."""
+        asker = rng.choice([c for c in self.clients if c is not x])
+        t_first, answer = await self._rmpeer_when_gone(asker, old)
+        f.detail["rmpeer_answer"] = [answer[0], answer[1].strip()[:120]]
+        f.detail["asker"] = asker.node.idx
+        if answer[0] == 200 or answer[0] == -1 or answer[0] >= 500 and answer[0] != 503:
+            for gen in gens:
+                self.rmpeers.append(RmpeerEvent(x.node.idx, gen, old, t_first))
+
+    async def _lose_state(self, f: Fault, x: NodeClient) -> tuple[int, str, int]:
+        """Kill the node with its workers parked, which then forget what they held there
+        (those pods' addresses stay held until the old name is rmpeered): the node's
+        index, old name and incarnation."""
+        wl = self._wl()
+        idx, old, gen = x.node.idx, x.node.name, x.node.gen
+        await wl.park(idx)
+        await asyncio.to_thread(x.node.kill)
+        wl.forget(idx)
+        f.detail.update(name=old, wiped=[idx, gen], in_use=self._holding(idx, gen))
+        return idx, old, gen
+
+    async def _wipe_data(self, f: Fault, rng: random.Random) -> None:
+        """The data dir lost: the node comes back as a new peer (a new name) and, as a
+        joiner, with another --ipalloc-init.  Its old pods are taken to live on (their
+        addresses stay held) until the operator rmpeers the old name."""
+        x, wl = self.clients[f.nodes[0]], self._wl()
+        idx, old, gen = await self._lose_state(f, x)
+        await asyncio.to_thread(x.node.wipe)
+        f.detail["init"] = self._other_init(x, rng)
+        try:
+            await self._restart(f, x, "fresh_up", f.detail["init"])
+        finally:
+            wl.unpark(idx)
+        await asyncio.sleep(rng.uniform(1.0, 3.0))
+        await self._advice_rmpeer(f, rng, x, old, [gen])
+
+    async def _wipe_store(self, f: Fault, rng: random.Random) -> None:
+        """The store lost (deleted, or emptied to 0 bytes), the name kept (--name).  An
+        empty file: the node refuses to start and says to move it aside and reset; then,
+        with no records and its ranges marked in use, it must stop in `lost-state`.  The
+        operator follows that advice: a new data dir (a new name), rmpeer the old name."""
+        x, wl = self.clients[f.nodes[0]], self._wl()
+        idx, old, gen = await self._lose_state(f, x)
+        db = x.node.data_dir / "ipam.db"
+        f.detail["store"] = how = rng.choice(["deleted", "emptied"])
+        if how == "emptied":
+            os.truncate(db, 0)
+            x.node.start()
+            code = await wait_exit(x.node, 30.0)
+            if code is None:
+                await asyncio.to_thread(x.node.kill)
+            said = x.node.log_tail(1)
+            f.detail["empty_store"] = [code, said.strip()[-300:]]
+            # the advice: no backup, so move it aside (with its -wal and -shm: the advice
+            # names only ipam.db, and a stale WAL left behind is replayed into the new
+            # store, a strict xfail in tests/test_operator.py) and reset the data dir
+            for p in x.node.data_dir.glob("ipam.db*"):
+                p.rename(p.with_name(p.name + ".aside"))
+            r = await asyncio.to_thread(python, "-m", "weaveipam", "reset", "--data-dir",
+                                        str(x.node.data_dir), "--socket", str(x.node.socket))
+            f.detail["reset_data_dir"] = [r.returncode, (r.stdout + r.stderr).strip()[:200]]
+        else:
+            for p in x.node.data_dir.glob("ipam.db*"):
+                p.unlink()
+        x.node.gen += 1  # the same name with new state: a new incarnation
+        lost_gen = x.node.gen
+        f.detail["lost_gen"] = lost_gen
+        try:
+            await self._restart(f, x, "up", until=("ready", "lost-state"))
+        finally:
+            wl.unpark(idx)
+        await asyncio.sleep(rng.uniform(1.0, 3.0))  # the workload keeps asking it
+        rep = await x.report()
+        f.detail["state"] = rep["state"] if rep else ""
+        f.detail["status"] = rep["status"][:300] if rep else ""
+        # the advice: a new peer name (a new data dir gets one), rmpeer of the old name
+        await wl.park(idx)
+        await asyncio.to_thread(x.node.kill)
+        wl.forget(idx)
+        await asyncio.to_thread(x.node.wipe)
+        try:
+            await self._restart(f, x, "fresh_up")
+        finally:
+            wl.unpark(idx)
+        await self._advice_rmpeer(f, rng, x, old, [gen, lost_gen])
+
+    async def _reset(self, f: Fault, rng: random.Random) -> None:
+        """`DELETE /peer` (weaveipam reset) on a node whose pods hold addresses: refused
+        with the reason, and nothing changes (a guard allocation made first stays)."""
+        x, wl = self.clients[f.nodes[0]], self._wl()
+        ident = f"wic-guard-{len(self.faults)}"
+        guard: Op = await wl.do(x, "allocate", "POST", f"/ip/{ident}", ident, "")
+        if not guard.ok:  # maybe nothing held here: a reset would go through, legitimately
+            f.detail["skipped"] = [guard.status, guard.detail]
+            return
+        code, body = await x.call("DELETE", "/peer", 10.0)
+        f.detail["reset_answer"] = [code, body.strip()[:200]]
+        code, body = await x.call("GET", f"/ip/{ident}")
+        f.detail["guard"] = [guard.address, code, body.strip().split("/")[0]]
+        await wl.do(x, "release", "DELETE", f"/ip/{ident}", ident, guard.address)
+
+    async def _reset_force(self, f: Fault, rng: random.Random) -> None:
+        """`weaveipam reset --force` once the node's pods are gone (the workload releases
+        all it holds there): the ranges go to a peer, the state is discarded and the
+        daemon stops; it comes back as a new peer."""
+        x, wl = self.clients[f.nodes[0]], self._wl()
+        idx, old, gen = x.node.idx, x.node.name, x.node.gen
+        f.detail["name"] = old
+        f.detail["drained"] = await wl.park(idx, drain=True)
+        f.detail["left_held"] = self._holding(idx, gen)
+        try:
+            t = self.h.now()
+            code, body = await x.call("DELETE", "/peer?force=true&forget=true", 15.0)
+            f.detail["reset_answer"] = [code, body.strip()[:200]]
+            if code == 503 or 400 <= code < 500:
+                return  # refused (e.g. not in sync): nothing happened, it runs on
+            self.rmpeers.append(RmpeerEvent(idx, gen, old, t))  # its holds end here
+            f.detail["exit"] = await wait_exit(x.node, 30.0)
+            await asyncio.to_thread(x.node.kill)
+            wl.forget(idx)
+            await asyncio.to_thread(x.node.wipe)
+            await self._restart(f, x, "fresh_up")
+        finally:
+            wl.unpark(idx)
+
+    async def _forged_hello(self, f: Fault, rng: random.Random) -> None:
+        """A stranger on the node's peer port sends hellos under the node's own name or,
+        when the topology is free, under the name of a peer it is connected to: each is
+        refused; the node keeps its state and that peer's link."""
+        x = self.clients[f.nodes[0]]
+        rep = await x.report()
+        links = {(c["name"], c["address"], c["outbound"]) for c in (rep or {}).get(
+            "connections", []) if c["state"] == "established"}
+        by_name = {c.node.name: c.node.idx for c in self.clients}
+        third = None
+        async with self.cond:
+            free = [n for n, _, _ in sorted(links)
+                    if by_name.get(n) is not None and by_name[n] not in self.busy]
+            if free and not self.topo and not self.exclusive and rng.random() < 0.5:
+                third = rng.choice(free)
+                self.topo = True  # no partition may break that link meanwhile
+                self.busy.add(by_name[third])
+        try:
+            name = third or x.node.name
+            f.detail["as"] = "connected peer" if third else "own name"
+            script = ("import asyncio, json, sys\n"
+                      "from stranger import forge_hello\n"
+                      "async def main():\n"
+                      "    out = []\n"
+                      "    for _ in range(3):\n"
+                      f"        a = await forge_hello({x.node.addr!r}, 6783, name={name!r})\n"
+                      "        out.append([a.refused, a.accepted])\n"
+                      "    print(json.dumps(out))\n"
+                      "asyncio.run(main())\n")
+            r = await asyncio.to_thread(python, "-c", script, ns=x.node.ns, timeout=30.0)
+            f.detail["answers"] = (json.loads(r.stdout) if r.returncode == 0
+                                   else [[None, None, r.stderr.strip()[-200:]]])
+            await asyncio.sleep(0.5)
+            after = await x.report()
+            f.detail["state"] = after["state"] if after else ""
+            if third:
+                kept = {c for c in links if c[0] == third}
+                now = {(c["name"], c["address"], c["outbound"])
+                       for c in (after or {}).get("connections", [])
+                       if c["state"] == "established" and c["name"] == third}
+                f.detail["link_kept"] = bool(after) and now == kept
+        finally:
+            if third:
+                async with self.cond:
+                    self.topo = False
+                    self.busy.discard(by_name[third])

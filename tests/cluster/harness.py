@@ -72,6 +72,8 @@ class ChaosNode:
         self.log = self.dir / "log"
         self.range = range_
         self.consensus = consensus
+        self.init: str | None = None  # another --ipalloc-init for the next start
+        self.pod_routes = False
         self.peers: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -79,10 +81,12 @@ class ChaosNode:
     def argv(self) -> list[str]:
         return ["ip", "netns", "exec", self.ns, sys.executable, "-m", "weaveipam", "daemon",
                 *self.peers, "--name", self.name, "--nickname", self.nickname,
-                "--ipalloc-range", self.range, "--ipalloc-init", f"consensus={self.consensus}",
+                "--ipalloc-range", self.range,
+                "--ipalloc-init", self.init or f"consensus={self.consensus}",
                 "--host", self.addr, "--port", str(PEER_PORT),
                 "--data-dir", str(self.data_dir), "--socket", str(self.socket),
-                "--http-addr", "", "--status-addr", "127.0.0.1:6782", "--op-timeout", "5"]
+                "--http-addr", "", "--status-addr", "127.0.0.1:6782", "--op-timeout", "5",
+                *(["--pod-routes"] if self.pod_routes else [])]
 
     def start(self) -> None:
         assert not self.running(), "already running"
@@ -187,6 +191,7 @@ class ChaosCluster:
         self.nodes = [ChaosNode(self.net, i, self.root, self.range, self.n)
                       for i in range(self.n)]
         for node in self.nodes:
+            node.pod_routes = True  # the routed pod network, probed pod to pod at the end
             node.peers = [f"{m.addr}:{PEER_PORT}" for m in self.nodes if m is not node]
 
     def close(self) -> None:

@@ -15,7 +15,10 @@ from .faults import Fault  # noqa: E402
 from .workload import Op  # noqa: E402
 
 FAULT_COLORS = {"kill": "tab:red", "pause": "tab:orange", "loss": "tab:purple",
-                "partition": "tab:blue", "rmpeer": "black"}
+                "partition": "tab:blue", "rmpeer": "black",
+                # operators and strangers
+                "init": "tab:green", "wipe-data": "tab:brown", "wipe-store": "tab:pink",
+                "reset": "tab:olive", "reset-force": "tab:cyan", "forged-hello": "tab:gray"}
 
 
 STYLES = ["-", "--", "-.", ":", (0, (5, 1))]
@@ -36,7 +39,7 @@ def timeline(path: Path, ops: list[Op], faults: list[Fault], shares: list[tuple[
         rows = f.nodes if f.kind != "partition" else f.detail.get("groups", [f.nodes])[0]
         for i in rows:
             ax_f.broken_barh([(f.t0, end - f.t0)], (i - 0.4, 0.8),
-                             facecolors=FAULT_COLORS[f.kind], alpha=0.8)
+                             facecolors=FAULT_COLORS.get(f.kind, "tab:gray"), alpha=0.8)
     ax_f.set_yticks(range(n), [f"node{i}" for i in range(n)])
     ax_f.set_ylim(-0.6, n - 0.4)
     ax_f.invert_yaxis()

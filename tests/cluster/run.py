@@ -23,6 +23,7 @@ from .client import NodeClient, own_share, ring_signature
 from .faults import FaultInjector, wait_healthy
 from .harness import ChaosCluster
 from .plot import timeline
+from .pods import probe
 from .workload import History, Workload
 
 
@@ -52,7 +53,7 @@ async def converge(clients: list[NodeClient], h: History, until: float
 
 
 async def _run(cl: ChaosCluster, seconds: float, seed: int, workers: int,
-               out: Path, kinds: list[str] | None) -> dict[str, Any]:
+               out: Path, kinds: list[str] | None, pods: bool) -> dict[str, Any]:
     h = History()
     clients = [NodeClient(n) for n in cl.nodes]
     try:
@@ -76,6 +77,7 @@ async def _run(cl: ChaosCluster, seconds: float, seed: int, workers: int,
         mon = asyncio.create_task(monitor(clients, h, shares, stop_mon))
         wl = Workload(clients, h, seed, workers_per_node=workers)
         fi = FaultInjector(clients, h, seed + 1, kinds=kinds)
+        fi.workload = wl
         wl_task = asyncio.create_task(wl.run())
         try:
             await fi.run(seconds)
@@ -107,9 +109,13 @@ async def _run(cl: ChaosCluster, seconds: float, seed: int, workers: int,
         for c in clients:
             code, body = await c.call("POST", f"/ip/wic-final-{c.node.idx}", 15.0)
             end_alloc.append((c.node.idx, code, body.strip()[:120]))
+        # pods on different nodes reach each other (issue 16)
+        unreachable, pod_summary = (await asyncio.to_thread(probe, cl.nodes) if pods
+                                    else ([], {}))
         record = RunRecord(
             h.ops, fi.faults, fi.rmpeers, final, healed_at, converged_at, conv_detail,
-            {c.node.idx: ok for c, ok in zip(clients, healthy, strict=True)}, end_alloc)
+            {c.node.idx: ok for c, ok in zip(clients, healthy, strict=True)}, end_alloc,
+            pods=unreachable)
         violations = check(record)
         acked = [o for o in h.ops if o.ok]
         lat = sorted(o.latency for o in acked)
@@ -132,6 +138,7 @@ async def _run(cl: ChaosCluster, seconds: float, seed: int, workers: int,
             "time_to_converge_s": (None if converged_at is None
                                    else round(converged_at - healed_at, 3)),
             "end_allocations": end_alloc,
+            "pod_probe": pod_summary,
             "violations": violations,
         }
         out.mkdir(parents=True, exist_ok=True)
@@ -155,15 +162,16 @@ async def _run(cl: ChaosCluster, seconds: float, seed: int, workers: int,
 
 def run_chaos(nodes: int = 5, seconds: float = 180.0, seed: int = 1, workers: int = 4,
               out: Path | None = None, keep: bool = False,
-              kinds: list[str] | None = None) -> dict[str, Any]:
+              kinds: list[str] | None = None, pods: bool = True) -> dict[str, Any]:
     """Runs everything and removes every namespace, link and process it made; `kinds`
-    limits the faults (default: all of faults.KINDS)."""
+    limits the faults (default: all of faults.KINDS); `pods`: the final pod-to-pod probe
+    (pods.py)."""
     root = Path(tempfile.mkdtemp(prefix="wic-"))
     out = out or root / "out"
     cl = ChaosCluster(nodes, root)
     try:
         cl.setup()
-        summary = asyncio.run(_run(cl, seconds, seed, workers, out, kinds))
+        summary = asyncio.run(_run(cl, seconds, seed, workers, out, kinds, pods))
         summary["logs"] = str(root) if keep else None
         return summary
     finally:
@@ -186,9 +194,10 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the nodes' data dirs and logs")
     ap.add_argument("--faults", default="", help="comma-separated fault kinds (default all)")
+    ap.add_argument("--no-pods", action="store_true", help="skip the pod-to-pod probe")
     a = ap.parse_args()
     kinds = [k for k in a.faults.split(",") if k] or None
-    s = run_chaos(a.nodes, a.seconds, a.seed, a.workers, a.out, a.keep, kinds)
+    s = run_chaos(a.nodes, a.seconds, a.seed, a.workers, a.out, a.keep, kinds, not a.no_pods)
     print(json.dumps(s, indent=1))
     return 1 if s["violations"] else 0
 

@@ -56,6 +56,13 @@ class Workload:
         self.max_held = max_held
         self.stopping = asyncio.Event()
         self.seq = 0
+        # operator faults: nodes whose workers send nothing new (after releasing what they
+        # hold, for `draining`), which of those workers have stopped, and an epoch per node
+        # bumped when the node's state was wiped (its workers forget what they held there)
+        self.parked: set[int] = set()
+        self.draining: set[int] = set()
+        self.idle: dict[int, set[int]] = {}
+        self.epoch: dict[int, int] = {}
 
     async def run(self) -> None:
         tasks = [asyncio.create_task(self._worker(c, w, random.Random(self.rng.random())))
@@ -65,12 +72,33 @@ class Workload:
     def stop(self) -> None:
         self.stopping.set()
 
+    async def park(self, node: int, drain: bool = False, timeout: float = 60.0) -> bool:
+        """Stop the node's workers (releasing everything they hold first if `drain`);
+        True once all of them are idle."""
+        self.parked.add(node)
+        if drain:
+            self.draining.add(node)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (len(self.idle.get(node, ())) < self.workers and loop.time() < deadline
+               and not self.stopping.is_set()):
+            await asyncio.sleep(0.05)
+        self.draining.discard(node)
+        return len(self.idle.get(node, ())) >= self.workers
+
+    def forget(self, node: int) -> None:
+        """The node's state was wiped: what its workers held there is gone with it."""
+        self.epoch[node] = self.epoch.get(node, 0) + 1
+
+    def unpark(self, node: int) -> None:
+        self.parked.discard(node)
+
     def _ident(self, node: int) -> str:
         self.seq += 1
         return f"c{node}-{self.seq}"
 
-    async def _do(self, c: NodeClient, op: str, method: str, path: str, ident: str,
-                  address: str) -> Op:
+    async def do(self, c: NodeClient, op: str, method: str, path: str, ident: str,
+                 address: str) -> Op:
         node = c.node
         gen = node.gen
         t0 = self.h.now()
@@ -88,25 +116,39 @@ class Workload:
     async def _worker(self, c: NodeClient, w: int, rng: random.Random) -> None:
         held: list[tuple[str, str]] = []       # (ident, address) acknowledged here
         released: list[str] = []               # addresses released here: claimed again later
+        idx = c.node.idx
+        epoch = self.epoch.get(idx, 0)
+        idle = self.idle.setdefault(idx, set())
         while not self.stopping.is_set():
+            if self.epoch.get(idx, 0) != epoch:
+                epoch = self.epoch.get(idx, 0)
+                held.clear()
+                released.clear()
             r = rng.random()
+            if idx in self.parked:
+                if not (held and idx in self.draining):
+                    idle.add(w)
+                    await asyncio.sleep(0.05)
+                    continue
+                r = 1.0
+            idle.discard(w)
             if len(held) >= self.max_held:
                 r = 1.0
             if not held or r < 0.45:
                 ident = self._ident(c.node.idx)
-                rec = await self._do(c, "allocate", "POST", f"/ip/{ident}", ident, "")
+                rec = await self.do(c, "allocate", "POST", f"/ip/{ident}", ident, "")
                 if rec.ok:
                     held.append((ident, rec.address))
             elif released and r < 0.65:
                 addr = released.pop(rng.randrange(len(released)))
                 ident = self._ident(c.node.idx)
-                rec = await self._do(c, "claim", "PUT", f"/ip/{ident}/{addr}/{self.prefix}",
-                                     ident, addr)
+                rec = await self.do(c, "claim", "PUT", f"/ip/{ident}/{addr}/{self.prefix}",
+                                    ident, addr)
                 if rec.ok:
                     held.append((ident, addr))
             else:
                 ident, addr = held.pop(rng.randrange(len(held)))
-                rec = await self._do(c, "release", "DELETE", f"/ip/{ident}", ident, addr)
+                rec = await self.do(c, "release", "DELETE", f"/ip/{ident}", ident, addr)
                 if rec.ok:
                     released.append(addr)
                     del released[:-8]
