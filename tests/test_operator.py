@@ -14,7 +14,6 @@ import socket
 import threading
 import time
 
-import pytest
 from daemons import Cluster, Node, cluster, wait_for  # noqa: F401
 from stranger import forge_hello
 from test_cli import run
@@ -350,11 +349,6 @@ def test_reset_of_a_lone_node_with_allocations(cluster: Cluster) -> None:
     assert all(n.lookup(k) == [] for k in held | again)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "weaveipam/routes.py keep_routes: at exit after a reset it calls table.sync on the "
-    "event loop's thread, where pyroute2 tries the running uvloop loop ('cannot open a "
-    "UDP handle, invalid family 16'); the daemon exits 1 with a traceback. Fix: run that "
-    "last sync with asyncio.to_thread, as the loop does"))
 def test_reset_of_a_node_with_pod_routes_exits_cleanly_and_removes_them() -> None:
     """`weaveipam reset --force` (hand over, discard, stop) on a --pod-routes daemon: it
     stops with exit 0, no traceback, and none of its routes stay (issue 16, item 3)."""
@@ -369,14 +363,6 @@ def test_reset_of_a_node_with_pod_routes_exits_cleanly_and_removes_them() -> Non
         assert routes(n1) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the 0-byte-store advice says to move ipam.db aside and run `weaveipam reset "
-    "--data-dir`; reset finds no ipam.db ('nothing to discard') and leaves ipam.db-wal, "
-    "which sqlite replays into the store the daemon creates next: the old records come "
-    "back (all of them, or a fragment after a checkpoint, which either fails the start "
-    "again or, seen in the chaos cluster, serves from a partial state). Fix: reset (and "
-    "the store's creation) removes -wal/-shm without a main file, and the advice names "
-    "them"))
 def test_following_the_empty_store_advice_starts_from_empty_state(cluster: Cluster) -> None:
     """Item 2 with the name pinned: B holds 10 addresses and is killed, ipam.db truncated.
     Doing exactly what B then says must start it with empty state, as the advice says,

@@ -311,7 +311,17 @@ def _discard(data_dir: Path, force: bool) -> int:
 
     store = data_dir / STORE_FILE
     if not store.exists():
-        print(f"no state in {data_dir}: nothing to discard")
+        # a -wal left without its store (the store moved aside after a crash) would be
+        # replayed by sqlite into the next store created here: the old records back
+        stale = [f for f in (Path(f"{store}-wal"), Path(f"{store}-shm")) if f.exists()]
+        if not stale:
+            print(f"no state in {data_dir}: nothing to discard")
+            return EXIT_OK
+        try:
+            discard_files(store)
+        except StoreError as e:
+            _die(str(e))
+        print(f"no {store}; discarded {', '.join(str(f) for f in stale)} left without it")
         return EXIT_OK
     lock = data_dir / LOCK_FILE
     if lock.exists():

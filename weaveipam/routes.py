@@ -150,5 +150,7 @@ async def keep_routes(d: Daemon) -> None:
             await asyncio.sleep(SYNC_INTERVAL)
     finally:
         if d.allocator.state() == "left":
-            table.sync({}, verify=True)  # reset: nothing of ours stays behind
+            # reset: nothing of ours stays behind. In a thread, as every sync: pyroute2 on
+            # the loop's own thread tries to use the running loop and fails
+            await asyncio.to_thread(table.sync, {}, True)
         table.close()

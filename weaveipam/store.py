@@ -295,9 +295,10 @@ class Store:
     # ------------------------------------------------------------------ opening
 
     def _fix(self) -> str:
-        return (f"move {self.path} aside (keep it for diagnosis) and, if there is no backup "
-                f"to restore, run `weaveipam reset --data-dir {self.path.parent}` to start "
-                "this peer with empty state (its recorded allocations are lost)")
+        return (f"move {self.path} aside (keep it for diagnosis; its -wal and -shm files "
+                f"belong to it) and, if there is no backup to restore, run `weaveipam reset "
+                f"--data-dir {self.path.parent}` to start this peer with empty state (its "
+                "recorded allocations are lost)")
 
     def _files(self) -> tuple[Path, Path, Path]:
         return self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")
@@ -339,6 +340,13 @@ class Store:
                     f"store path {path} exists but is not a regular file; "
                     "point weaveipam at a file path"
                 )
+            wal = Path(f"{path}-wal")
+            if created and wal.exists():
+                # sqlite would replay it into the new store: old records in a fresh state
+                raise StoreError(
+                    f"{wal} is there without its store {path} (was the store moved away "
+                    "without it?): move it back beside the store, or run `weaveipam reset "
+                    f"--data-dir {parent}` to discard it and start with empty state")
             if not created and path.stat().st_size == 0:
                 raise StoreError(
                     f"store {path} is empty (0 bytes): what it recorded is gone (the file "
