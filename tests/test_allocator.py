@@ -227,6 +227,86 @@ def test_rmpeer_of_a_dead_peer_completes_after_the_heirs_wait() -> None:
     assert C not in owners(w.nodes[A]).values()
 
 
+def test_rmpeer_whose_heir_is_unreachable_says_which_peer_to_start_or_remove_first() -> None:
+    """C's heir is A; asked on B, which reaches neither, the rmpeer cannot be done: it is
+    refused at once, naming A and what to do, and changes nothing."""
+    w = seeded((A, B, C))
+    w.cut(A, C)
+    w.cut(B, C)
+    w.cut(A, B)
+    before = owners(w.nodes[B])
+    r = w.reply(B, w.call(B, RmPeer(C)))
+    assert r is not None and r.error is not None and r.error.code == "unavailable", r
+    assert f"go to {A}, which is unreachable" in r.error.message
+    assert f"weaveipam rmpeer {A}" in r.error.message
+    w.run_until(3.0)
+    assert owners(w.nodes[B]) == before and C not in w.nodes[B].alloc.ring.removed
+
+
+def test_peers_that_are_each_others_heirs_and_both_gone_say_to_start_one() -> None:
+    """A and C own the ring, B joined later and owns nothing: A's heir is C and C's is A.
+    With both gone, neither can be removed first, and B may not pick another heir from its
+    own view of who is alive (across a partition two hosts would pick two): both rmpeers
+    are refused saying so, and once A is back with its data, rmpeer C goes to A."""
+    w = seeded((A, C))
+    w.add(B, f"seed={A},{C}")
+    w.connect(A, B)
+    w.connect(B, C)
+    w.run_until(1.0)
+    assert set(owners(w.nodes[B]).values()) == {A, C}
+    disk_a = w.nodes[A].disk
+    for dead in (A, C):
+        w.cut(B, dead)
+        w.links = {link for link in w.links if dead not in link}
+        w.nodes.pop(dead)
+    before = owners(w.nodes[B])
+    for dead, heir in ((A, C), (C, A)):
+        r = w.reply(B, w.call(B, RmPeer(dead)))
+        assert r is not None and r.error is not None and r.error.code == "unavailable", r
+        assert f"go to {heir} and {heir}'s to {dead}" in r.error.message
+        assert "start one of them again" in r.error.message
+    w.run_until(4.0)
+    assert owners(w.nodes[B]) == before
+    w.now = 10.0
+    w.add(A, f"seed={A},{C}", disk=disk_a)
+    w.connect(A, B)
+    w.run_until(12.0)
+    rid = w.call(B, RmPeer(C))
+    w.run_until(16.0)
+    res = ok(w, B, rid)
+    assert res["heir"] == A and res["moved"] > 0, res
+
+
+def test_rmpeer_of_a_name_that_rejoined_takes_what_it_was_given_since() -> None:
+    """C is removed, comes back fresh under its name and is given space by A; B never
+    hears of the grant.  A second rmpeer of C asked on B must not answer "already removed"
+    from B's stale ring: it goes to the heir, which takes C's new space."""
+    w = seeded((A, B, C))
+    w.cut(A, C)
+    w.cut(B, C)
+    ok(w, A, w.call(A, RmPeer(C)))  # A is C's heir; nothing to wait for
+    w.run_until(3.0)
+    assert C in w.nodes[B].alloc.ring.removed
+    w.nodes.pop(C)
+    w.add(C, f"seed={A},{B},{C}")  # fresh state, the same name
+    w.lossy.add(frozenset((A, B)))  # B hears nothing of what follows
+    w.connect(A, C)
+    rid = w.call(C, Allocate("pod-c"))
+    w.run_until(10.0)
+    got = ok(w, C, rid)
+    assert w.nodes[A].alloc.ring.owner(got) == C
+    assert w.nodes[B].alloc.ring.owner(got) != C  # B's ring is stale
+    w.cut(A, C)
+    w.nodes.pop(C)
+    w.links = {link for link in w.links if C not in link}
+    w.lossy.clear()
+    rid = w.call(B, RmPeer(C))
+    w.run_until(14.0)
+    res = ok(w, B, rid)
+    assert res["moved"] > 0 and not res.get("already"), res
+    assert w.nodes[A].alloc.ring.owner(got) == A
+
+
 # ---- restarts ---------------------------------------------------------------------------
 
 

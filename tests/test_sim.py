@@ -41,6 +41,21 @@ def test_rmpeer_heavy_runs_keep_every_invariant() -> None:
         assert s["rmpeers"] > 0
 
 
+# Small ranges, rmpeer-heavy, that once failed: a small entry whose "used" mark the free
+# count report undid before the witness confirmed it (no allocation ever again), a second
+# rmpeer answered "already removed" from a stale ring, an rmpeer sent to an heir that was
+# down, a stopped heir taking over, and fresh nodes
+# started as a quorum while the ring's holder was cut off.
+SMALL_RMPEER_REGRESSIONS = (13, 32, 105, 144, 228, 257, 297, 390, 519)
+
+
+def test_small_range_rmpeer_heavy_regressions() -> None:
+    for seed in SMALL_RMPEER_REGRESSIONS:
+        s = run(4 + seed % 6, seed, 500, True, rmpeer_rate=0.4, universe="10.32.0.0/23",
+                traffic=20.0)
+        assert s["violations"] == 0, s
+
+
 @pytest.mark.parametrize("chunk", range(4))
 def test_operators_and_strangers_keep_every_invariant(chunk: int) -> None:
     """Joins and restarts with other --ipalloc-init, wiped stores with the name kept,

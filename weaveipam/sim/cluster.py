@@ -33,6 +33,8 @@ from ..core.allocator import (
 from ..core.records import Snapshot
 from .wire import transit
 
+DEBUG_EVENTS = False  # record every allocator event, not only errors (debugging a seed)
+
 
 @dataclass
 class Faults:
@@ -62,7 +64,8 @@ class SimNode:
     init: InitMode | None = None  # an operator's own --ipalloc-init for this node
     wiped: bool = False          # restarted with its store lost: its pods still hold addresses
     respawn_at: float | None = None  # the operator restarts it with fresh state then
-    removal_done: bool = False   # an rmpeer of it was answered: its ranges are the heir's
+    removal_done: bool = False   # an rmpeer of it took ranges: they are the heir's now
+    removal_ok: bool = False     # an rmpeer of it succeeded (whatever it moved)
     down_since: float = 0.0
     next_ident: int = 0
     bytes_sent: int = 0
@@ -105,7 +108,9 @@ class Simulator:
         self.wire = wire
         self.init = InitMode("consensus", consensus or nodes)
         self.nodes: list[SimNode] = []
-        self.queue: list[tuple[float, int, int, int, dict[str, Any]]] = []
+        # (due, seq, src, dst, msg, the sender's and receiver's incarnations): a connection
+        # dies with either end, so nothing sent before a crash arrives after it
+        self.queue: list[tuple[float, int, int, int, dict[str, Any], object, object]] = []
         self.qseq = 0
         self.side: dict[int, int] = {}  # partition side per node; empty = healed
         self.heal_at = 0.0
@@ -176,7 +181,7 @@ class Simulator:
                 self._send(n, o)
             elif isinstance(o, Reply):
                 self._on_reply(n, o)
-            elif isinstance(o, Event) and o.level == "error":
+            elif isinstance(o, Event) and (o.level == "error" or DEBUG_EVENTS):
                 self.events.append(f"{self.now:.1f} {n.name}: {o.text}")
         self._reindex(n)
 
@@ -211,14 +216,16 @@ class Simulator:
         for _ in range(copies):
             at = self.now + self.rng.uniform(*f.latency)
             self.qseq += 1
-            heapq.heappush(self.queue, (at, self.qseq, src, dst, msg))
+            heapq.heappush(self.queue, (at, self.qseq, src, dst, msg,
+                                        self.nodes[src].alloc, self.nodes[dst].alloc))
 
     def _deliver_until(self, t: float) -> None:
         while self.queue and self.queue[0][0] <= t:
-            at, _, src, dst, msg = heapq.heappop(self.queue)
+            at, _, src, dst, msg, sent_by, sent_to = heapq.heappop(self.queue)
             self.now = max(self.now, at)
             n = self.nodes[dst]
-            if n.alloc is None or not self._connected(src, dst):
+            if n.alloc is None or n.alloc is not sent_to or self.nodes[src].alloc is not sent_by \
+                    or not self._connected(src, dst):
                 self.stats["dropped"] += 1
                 continue
             self.stats["messages"] += 1
@@ -263,8 +270,11 @@ class Simulator:
         elif isinstance(req, RmPeer):
             self.stats["rmpeers"] += 1
             for i in self._index_of(req.name):
+                # its heir has taken its ranges; back with old data it must not use them (a
+                # removal that moved nothing took nothing: the name may rejoin as it was)
                 if self.nodes[i].removed:
-                    self.nodes[i].removal_done = True  # its heir has taken its ranges
+                    self.nodes[i].removal_ok = True
+                    self.nodes[i].removal_done |= bool(r.value.get("moved"))
 
     def _traffic(self) -> None:
         live = self.live()
@@ -403,7 +413,15 @@ class Simulator:
                 n.respawn_at = self.now + 8.0
                 self._rmpeer(n)
         for n in self.nodes:
-            if n.alloc is None and n.respawn_at is not None and self.now >= n.respawn_at:
+            # not while partitioned: fresh nodes that make a quorum without any holder of the
+            # ring seed a second one, and no rule can see the ring they cannot reach (README)
+            if n.alloc is None and n.respawn_at is not None and self.now >= n.respawn_at \
+                    and not self.side:
+                if n.removed and not n.removal_ok and self.now - n.down_since < 60:
+                    # the rmpeer failed (its heir was down too, say): read why, try again
+                    n.respawn_at = self.now + 8.0
+                    self._rmpeer(n)
+                    continue
                 if n.removed:
                     n.disk = Snapshot()
                     n.removed = n.removal_done = False
@@ -486,6 +504,7 @@ class Simulator:
         for c in callers:  # sometimes on two hosts at once (Weave #1949)
             self.request(c, RmPeer(dead.name))
         dead.removed = True
+        dead.removal_ok = False
         for a in [a for a, (i, _) in self.ledger.items() if i == dead.idx]:
             del self.ledger[a]
             self.orphans.discard(a)

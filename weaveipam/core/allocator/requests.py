@@ -216,7 +216,7 @@ class Requests(AllocatorBase):
         self._owned_changed()
         for t in changed:
             if self.ring.entries[t][1] == self.name:
-                self.ring.set_free(t, self.space.free_of(t))
+                self.ring.set_free(t, self._shown_free(t))
         self._persist_ring()
         self._send(to, {"t": "ring", "full": False, "ring": self.ring.to_wire(changed)})
         self.dirty.update(changed)
@@ -226,6 +226,18 @@ class Requests(AllocatorBase):
     def _owned_changed(self) -> None:
         self.space.set_owned([Range(o.start, o.end) for o in self.ring.owned_by(self.name)])
 
+    def _shown_free(self, t: int) -> int:
+        """The free count others see for our entry `t`.
+
+        While a witness is pending the entry must stay shown as used: the true count of an
+        entry nothing was handed out from yet would undo the mark the peer is confirming,
+        and mark and count would take turns for ever (no allocation from a small entry).
+        """
+        free = self.space.free_of(t)
+        if t in self.witness_asked and t not in self.witnessed:
+            free = min(free, min(self.ring.end_of(t) - t, FREE_CAP) - 1)
+        return free
+
     def _report_free(self, exact: bool = False) -> list[int]:
         """Refresh the free counts others see for our entries.
 
@@ -234,7 +246,7 @@ class Requests(AllocatorBase):
         """
         changed = []
         for r in self.space.owned():
-            free = self.space.free_of(r.start)
+            free = self._shown_free(r.start)
             old = self.ring.entries[r.start][2]
             if old == free or (not exact and free and abs(free - old) * 16 < old):
                 continue

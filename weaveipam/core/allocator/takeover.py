@@ -46,15 +46,26 @@ class Takeover(Seeding):
             self._fail(rid, "bad-request", "cannot rmpeer this peer itself; use "
                        "`weaveipam reset` here to hand its ranges away")
             return
-        if dead in self.ring.removed and dead not in self.ring.peers():
-            self._reply(rid, {"moved": 0, "peer": dead, "heir": self.ring.removed[dead],
-                              "already": True})
-            return
+        # an rmpeer of a name removed before still goes through its heir's poll: the name
+        # may have rejoined fresh and been given space we have not heard of yet
         if dead in self.reachable():
             self._fail(rid, "conflict", f"peer {dead} is reachable; stop it (or run "
                        "`weaveipam reset` on it) before removing it")
             return
         heir = self.heir_for(dead)
+        if heir != self.name and heir not in self.reachable():
+            if self.heir_for(heir) == dead:
+                # each other's heirs, both gone: neither removal can be done first. Only
+                # the ring may choose an heir (a host's view of who is alive is not shared:
+                # across a partition two hosts would choose two), so one must come back
+                self._fail(rid, "unavailable", f"{dead}'s ranges go to {heir} and {heir}'s "
+                           f"to {dead}, and neither is reachable from here: start one of them "
+                           "again with its data dir to remove the other")
+            else:
+                self._fail(rid, "unavailable", f"{dead}'s ranges go to {heir}, which is "
+                           f"unreachable from here: start {heir} again, or if it is gone for "
+                           f"good too, run `weaveipam rmpeer {heir}` first, then retry")
+            return
         if heir == self.name:
             self._take_over_later(dead, None, rid)
             self._flush()
@@ -63,6 +74,7 @@ class Takeover(Seeding):
         self._send(heir, {"t": "rmpeer", "n": dead, "id": rid})
 
     def _take_over(self, dead: str) -> dict[str, Any]:
+        already = dead in self.ring.removed
         moved, changed = self.ring.transfer(dead, self.name)
         self.ring.mark_removed(dead, self.name)
         self._owned_changed()
@@ -73,7 +85,10 @@ class Takeover(Seeding):
         self._event("warning", f"{moved} IPs taken over from {dead}")
         for p in list(self.pending):
             self._retry(p)
-        return {"moved": moved, "peer": dead, "heir": self.name}
+        res: dict[str, Any] = {"moved": moved, "peer": dead, "heir": self.name}
+        if already and not moved:  # removed before, and nothing rejoined under its name
+            res.update(already=True, heir=self.ring.removed[dead])
+        return res
 
     def _leave(self, rid: int, force: bool) -> None:
         if self.fault not in (None, "removed") or not self.synced and not self.fault:
@@ -132,8 +147,12 @@ class Takeover(Seeding):
     def _rmpeer_refused(self, dead: str) -> tuple[dict[str, Any], str] | None:
         """None if we are the heir and may take `dead` over; else (result, error)."""
         heir = self.heir_for(dead)
-        if dead in self.ring.removed and dead not in self.ring.peers():
-            return {"moved": 0, "peer": dead, "heir": self.ring.removed[dead]}, ""
+        if self.fault or self.left:
+            # stopped (lost state, removed, a duplicate name) or reset: its ring is not one
+            # to act on, and what it took could be lost with it
+            return {"moved": 0, "peer": dead, "heir": heir}, (
+                f"peer {self.name}, the heir, cannot take ranges over now: "
+                f"{self.state_text()}")
         if heir != self.name:
             return {"moved": 0, "peer": dead, "heir": heir}, (
                 f"peer {self.name} computes heir {heir}; wait for the ring to settle and retry")
