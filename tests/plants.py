@@ -194,7 +194,8 @@ def second_removal_missed() -> AbstractContextManager[Any]:
 
 def removal_marker_ignored() -> AbstractContextManager[Any]:
     """Undoes the fix in `_merge`: a merge that carries only our removal marker (no entry
-    changed) is ignored, so a removed node back with old data does not stop."""
+    changed) is ignored, so a removed node back with old data does not stop.  Not caught
+    yet (UNCAUGHT)."""
     return undo(RingSync, "_merge", "self.name not in self.ring.removed or "
                  "self.known_removed)", "True)")
 
@@ -271,6 +272,18 @@ PLANTS: dict[str, Plant] = {
         second_removal_missed, SIM, "removed-allocated", (("rmpeer", 4), ("rmpeer", 8)),
         "fix undone: a second removal taken for the first rejoin (`_taken_over`)"),
     "witness_remark_skipped": Plant(
-        witness_remark_skipped, SIM, "duplicate", (("operators", 13),),
+        witness_remark_skipped, SIM, "duplicate", (("operators", 13), ("operators-heavy", 9)),
         "fix undone: an entry emptied and used again is not marked used again"),
+    "leave_unsynced": Plant(
+        leave_unsynced, SIM, "duplicate", (("operators-heavy", 29), ("operators-heavy", 22)),
+        "fix undone: reset on a restarted node hands on ranges before it heard the ring"),
+}
+
+# Plants no checker catches yet within a reasonable number of seeds (README, "Planted bugs"):
+# name -> (factory, why).  The gauntlet checks that each still applies to the real code.
+UNCAUGHT: dict[str, tuple[Callable[[], AbstractContextManager[Any]], str]] = {
+    "removal_marker_ignored": (
+        removal_marker_ignored,
+        "a merge changing nothing but our removal marker needs a removed peer whose ring is "
+        "otherwise current; no seed swept reached one (README, Planted bugs)"),
 }
