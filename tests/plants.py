@@ -19,7 +19,7 @@ import __future__
 import inspect
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, NamedTuple
 from unittest import mock
@@ -241,8 +241,27 @@ def sim_run(cfg: str, seed: int) -> dict[str, Any]:
         "operators-heavy": dict(nodes=3 + seed % 8, steps=400, faults=True,
                                 operator_rate=2.0),
         "reply-crash": dict(nodes=5, steps=300, faults=True, reply_crash=0.2),
+        "quiet-churn": dict(nodes=3 + seed % 8, steps=600, faults=True, operator_rate=1.0,
+                            rmpeer_rate=0.5, traffic=0.2),
     }
     return {**base[cfg], "seed": seed}
+
+
+def sweep(name: str, cfg: str, seeds: Iterable[int]) -> None:
+    """Print, per seed, the violation kind with the plant in and without it: how pinned
+    seeds are found again when a change to the engine moves the simulator's runs."""
+    import contextlib
+    import io
+
+    from weaveipam.sim.__main__ import run
+
+    factory = PLANTS[name].factory if name in PLANTS else UNCAUGHT[name][0]
+    for seed in seeds:
+        with contextlib.redirect_stderr(io.StringIO()):
+            with factory():
+                planted = run(**sim_run(cfg, seed)).get("kind")
+            clean = run(**sim_run(cfg, seed)).get("kind")
+        print(f"{cfg} seed {seed}: planted {planted or '-'}, clean {clean or '-'}", flush=True)
 
 
 SIM = "the simulator (weaveipam/sim)"
