@@ -22,7 +22,8 @@ CONVERGE_BOUND = 120.0  # simulated seconds after the last fault heals
 def run(nodes: int, seed: int, steps: int, faults: bool, *, consensus: int | None = None,
         degree: int = 30, universe: str = "10.32.0.0/12", traffic: float = 5.0,
         join: int = 0, fanout: int = GOSSIP_FANOUT,
-        rmpeer_rate: float | None = None, operator_rate: float | None = None) -> dict[str, Any]:
+        rmpeer_rate: float | None = None, operator_rate: float | None = None,
+        reply_crash: float = 0.0) -> dict[str, Any]:
     t0 = time.perf_counter()
     f = Faults()
     if faults:
@@ -35,6 +36,7 @@ def run(nodes: int, seed: int, steps: int, faults: bool, *, consensus: int | Non
             # operators act on down nodes too: crash often enough to give them some
             f.operator_rate = f.stranger_rate = operator_rate
             f.crash_rate = max(f.crash_rate, operator_rate)
+        f.reply_crash = reply_crash
     sim = Simulator(nodes=nodes, seed=seed, universe=universe, consensus=consensus,
                     degree=degree, faults=f, traffic=traffic, fanout=fanout)
     summary: dict[str, Any] = {"nodes": nodes, "seed": seed, "faults": faults}
@@ -119,12 +121,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--operators", type=float, default=None, metavar="RATE",
                     help="with --faults: operator and stranger actions per second (other "
                          "--ipalloc-init, wiped stores, reset, forged hellos); default 0.02")
+    ap.add_argument("--reply-crashes", type=float, default=0.0, metavar="P",
+                    help="with --faults: chance that a node crashes right after a batch "
+                         "that acknowledged an allocation (default 0)")
     args = ap.parse_args(argv)
     if args.nodes < 1 or args.steps < 0:
         ap.error("--nodes must be >= 1 and --steps >= 0")
+    if not 0.0 <= args.reply_crashes <= 1.0:
+        ap.error(f"--reply-crashes must be a chance between 0 and 1, not {args.reply_crashes:g}")
     s = run(args.nodes, args.seed, args.steps, args.faults, consensus=args.consensus,
             degree=args.degree, universe=args.range, traffic=args.traffic, join=args.join,
-            operator_rate=args.operators)
+            operator_rate=args.operators, reply_crash=args.reply_crashes)
     print(json.dumps(s))
     return 1 if s["violations"] else 0
 

@@ -51,6 +51,9 @@ class Faults:
     operator_rate: float = 0.0
     stranger_rate: float = 0.0
     stale_removed: float = 0.0    # chance a removed node comes back with its old data
+    # chance that a node crashes right after a batch that acknowledged an allocation left
+    # it: whatever the allocator had not yet emitted (a later batch) never reaches the disk
+    reply_crash: float = 0.0
 
 
 @dataclass
@@ -118,7 +121,7 @@ class Simulator:
         self.stats = {"allocations": 0, "claims": 0, "releases": 0, "failures": 0,
                       "crashes": 0, "restarts": 0, "joins": 0, "rmpeers": 0, "partitions": 0,
                       "messages": 0, "dropped": 0, "operator": 0, "wipes": 0, "resets": 0,
-                      "forged_hellos": 0}
+                      "forged_hellos": 0, "reply_crashes": 0}
         # acknowledged holdings, as a client sees them: address -> (node, ident)
         self.ledger: dict[int, tuple[int, str]] = {}
         # ledger addresses whose node lost its store: pods still hold them (no one may hand
@@ -128,6 +131,10 @@ class Simulator:
         self.owned_of: dict[int, list[Range]] = {}
         self.index_key: dict[int, Any] = {}
         self.events: list[str] = []
+        # crashed the instant their last delivered batch acknowledged an allocation: their
+        # later outputs never leave, and they go down at the next safe point of the step
+        self.doomed: set[int] = set()
+        self.faulting = False
         self.expected = nodes
         for _ in range(nodes):
             self._add_node(connect=join_all)
@@ -172,18 +179,38 @@ class Simulator:
     # ---- message plumbing ----------------------------------------------------------------
 
     def _drain(self, n: SimNode) -> None:
+        """Deliver one batch of outputs as the daemon does: every Persist of the batch is
+        durable before any of its Sends or Replies leaves (weaveipam/daemon.py)."""
         a = n.alloc
         assert a is not None
-        for o in a.take_outputs():
+        if n.idx in self.doomed:
+            return  # it crashed already: what it does now never leaves it
+        outs = a.take_outputs()
+        for o in outs:
             if isinstance(o, Persist):
-                n.disk.apply(o.record)  # durable before anything else in the batch leaves
-            elif isinstance(o, Send):
+                n.disk.apply(o.record)
+        acked = False
+        for o in outs:
+            if isinstance(o, Send):
                 self._send(n, o)
             elif isinstance(o, Reply):
-                self._on_reply(n, o)
+                acked = self._on_reply(n, o) or acked
             elif isinstance(o, Event) and (o.level == "error" or DEBUG_EVENTS):
                 self.events.append(f"{self.now:.1f} {n.name}: {o.text}")
         self._reindex(n)
+        if acked and self.faulting and self.faults.reply_crash \
+                and self.rng.random() < self.faults.reply_crash:
+            up = [m for m in self.live() if not m.removed and m.idx not in self.doomed]
+            if not n.removed and len(up) > 2:
+                self.doomed.add(n.idx)
+
+    def _crash_doomed(self) -> None:
+        for i in sorted(self.doomed):
+            n = self.nodes[i]
+            self.doomed.discard(i)
+            if n.alloc is not None:
+                self.stats["reply_crashes"] += 1
+                self._crash(n)
 
     def _send(self, n: SimNode, s: Send) -> None:
         msg = s.msg
@@ -242,13 +269,14 @@ class Simulator:
         self._drain(n)
         return n.rid_seq
 
-    def _on_reply(self, n: SimNode, r: Reply) -> None:
+    def _on_reply(self, n: SimNode, r: Reply) -> bool:
+        """Check a reply against the ledger; True if it acknowledged an allocation."""
         req = n.inflight.pop(r.rid, None)
         if req is None:
-            return
+            return False
         if r.error is not None:
             self.stats["failures"] += 1
-            return
+            return False
         if isinstance(req, Allocate | Claim):
             a = int(r.value)
             key = (n.idx, req.ident)
@@ -262,6 +290,7 @@ class Simulator:
                                 f"{key} while held by {held}")
             self.ledger[a] = key
             self.stats["allocations" if isinstance(req, Allocate) else "claims"] += 1
+            return True
         elif isinstance(req, Release):
             for a in r.value:
                 if self.ledger.get(a) == (n.idx, req.ident):
@@ -275,6 +304,7 @@ class Simulator:
                 if self.nodes[i].removed:
                     self.nodes[i].removal_ok = True
                     self.nodes[i].removal_done |= bool(r.value.get("moved"))
+        return False
 
     def _traffic(self) -> None:
         live = self.live()
@@ -456,6 +486,7 @@ class Simulator:
             self._drain(a)
 
     def _crash(self, n: SimNode) -> None:
+        self.doomed.discard(n.idx)
         n.alloc = None
         n.inflight.clear()  # unanswered requests were never acknowledged
         n.down_since = self.now
@@ -575,14 +606,19 @@ class Simulator:
 
     def step(self, *, faults: bool, traffic: bool) -> None:
         self.steps += 1
+        self.faulting = faults
         end = self.now + self.tick_s
         self._deliver_until(end)
         self.now = end
+        self._crash_doomed()
         self._faults(faults)
         self._operator_responds()
         for n in self.live():
             assert n.alloc is not None
             n.alloc.tick(self.now)
             self._drain(n)
+        self._crash_doomed()
         if traffic:
             self._traffic()
+            self._crash_doomed()
+        self.faulting = False  # what runs between steps (the final heal) crashes nothing
