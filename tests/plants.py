@@ -78,8 +78,8 @@ def lost_in_memory() -> Iterator[None]:
     needed for the loss.  Caught by the simulator's end-of-run ledger check: `lost`."""
     hold = Requests._hold
 
-    def _hold(self: Requests, ident: str, a: int, note: str) -> None:
-        hold(self, ident, a, note)
+    def _hold(self: Requests, ident: str, a: int, note: str, *rest: Any) -> None:
+        hold(self, ident, a, note, *rest)
         if a % 3 == 0:
             del self.allocs[ident][a]
             if not self.allocs[ident]:

@@ -33,12 +33,13 @@ A, B, C = "peer-a", "peer-b", "peer-c"  # sorted: the heir of C is A, of A is B
 
 class Node:
     def __init__(self, name: str, init: str, now: float, disk: Snapshot | None = None,
-                 auto_prime: bool = False) -> None:
+                 auto_prime: bool = False, expect_peers: bool = False) -> None:
         self.name = name
         self.disk = copy.deepcopy(disk) if disk is not None else Snapshot()
         self.alloc = Allocator(name=name, nickname=name[-1], universe=RANGE,
                                init=InitMode.parse(init), rng=random.Random(name), now=now,
-                               snapshot=copy.deepcopy(disk), auto_prime=auto_prime)
+                               snapshot=copy.deepcopy(disk), auto_prime=auto_prime,
+                               expect_peers=expect_peers)
         self.outbox: list[Send] = []
         self.replies: dict[int, Reply] = {}
         self.events: list[Event] = []
@@ -65,8 +66,8 @@ class World:
         self.rid = 0
 
     def add(self, name: str, init: str, disk: Snapshot | None = None,
-            auto_prime: bool = False) -> Node:
-        self.nodes[name] = n = Node(name, init, self.now, disk, auto_prime)
+            auto_prime: bool = False, expect_peers: bool = False) -> Node:
+        self.nodes[name] = n = Node(name, init, self.now, disk, auto_prime, expect_peers)
         return n
 
     def connect(self, a: str, b: str) -> None:
@@ -339,6 +340,43 @@ def test_whole_cluster_restart_allocates_after_the_grace_with_what_it_merged() -
     assert a.ring.digest() == r.nodes[B].alloc.ring.digest()
     assert a.ring.owner(got) == A and got != held
     assert a.allocations()["pod-a"] == {held: ""}  # kept over the restart
+
+
+def test_a_lone_owner_back_with_old_data_hears_its_peers_before_allocating() -> None:
+    """A owned the whole ring; it went down, was removed, and B took everything.  Back with
+    its old data, A's ring names only A: with peers given it must not trust that alone, but
+    hear B (and stop, removed); with no peer answering, after SYNC_GRACE the ring is A's."""
+    w = World()
+    w.add(A, f"seed={A}")
+    ok(w, A, w.call(A, Allocate("pod-a")))
+    w.add(B, f"seed={A}")
+    w.connect(A, B)
+    w.run_until(1.0)
+    assert set(owners(w.nodes[B]).values()) == {A}
+    disk = w.nodes[A].disk
+    w.cut(A, B)
+    w.nodes.pop(A)
+    w.links.clear()
+    ok(w, B, w.call(B, RmPeer(A)))
+    assert set(owners(w.nodes[B]).values()) == {B}
+    w.now = 20.0
+    w.add(A, f"seed={A}", disk=disk, expect_peers=True)
+    rid = w.call(A, Allocate("pod-a2"))
+    assert w.reply(A, rid) is None  # not before it heard a peer
+    w.connect(A, B)
+    w.run_until(22.0)
+    r = w.reply(A, rid)
+    assert r is not None and r.error is not None, r
+    assert w.nodes[A].alloc.state() == "removed"
+    # alone, the same disk: after the grace its ring is its own
+    r2 = World()
+    r2.now = 20.0
+    r2.add(A, f"seed={A}", disk=disk, expect_peers=True)
+    rid = r2.call(A, Allocate("pod-a2"))
+    r2.run_until(29.0)
+    assert r2.reply(A, rid) is None
+    r2.run_until(31.0)
+    assert ok(r2, A, rid) is not None
 
 
 def test_a_restarted_node_with_an_in_sync_peer_allocates_without_waiting() -> None:

@@ -129,6 +129,7 @@ class AllocatorBase:
         self.witnessed: set[int] = set()
         self.witness_asked: dict[int, float] = {}
         self.seed_wait_until = now + SEED_WAIT if expect_peers else now
+        self.expect_peers = expect_peers
         self._restore(snapshot)
 
     def _persist(self, rec: Record) -> None:

@@ -133,6 +133,13 @@ class Allocator(RingSync):
                 self._fail(rid, "unavailable", f"the heir for {p.req.name}, "
                            f"{self.heir_for(p.req.name)}, did not answer; if it is gone too, "
                            "rmpeer it first")
+        if not self.synced and self.restored and not self.vetting \
+                and now >= self.sync_deadline and set(self.ring.peers()) <= {self.name}:
+            # our ring names only us, and in SYNC_GRACE no peer sent one (we ask a live
+            # peer every second) that took it from us: it is ours
+            self.synced = True
+            for p in list(self.pending):
+                self._retry(p)
         if self.split and now - self.split[2] > SPLIT_FORGET:
             self.split = None
         if self.polling and now >= self.next_poll:

@@ -42,7 +42,9 @@ class RingSync(Takeover):
                         self.prefixes[a] = snap.prefixes[(ident, a)]
             self._owned_changed()
             # Until we hear from a peer, our ring may be stale (ranges taken by rmpeer).
-            self.synced = set(self.ring.peers()) <= {self.name}
+            # A ring naming only us is no exception when we have peers: they may have
+            # removed us and taken it all; only if none answers in SYNC_GRACE is it ours.
+            self.synced = set(self.ring.peers()) <= {self.name} and not self.expect_peers
             self.restored = not self.ring.is_empty()
             self.known_removed = self.name in self.ring.removed
             self.removal_accepted = self.known_removed  # rejoined fresh after a removal
