@@ -281,7 +281,7 @@ PLANTS: dict[str, Plant] = {
         removed_ignores_removal, SIM, "removed-allocated", (("rmpeer", 4), ("rmpeer", 8)),
         "a removed node back with its old data ignores its own removal"),
     "freed_on_restart": Plant(
-        freed_on_restart, SIM, "duplicate", (("small", 1), ("small", 3)),
+        freed_on_restart, SIM, "duplicate", (("small", 1), ("small", 2)),
         "used addresses left free after a restart"),
     "reply_before_persist": Plant(
         reply_before_persist, SIM, "lost", (("reply-crash", 5), ("reply-crash", 6)),
@@ -290,13 +290,13 @@ PLANTS: dict[str, Plant] = {
         weave_rmpeer, SIM, "double-owner", (("rmpeer", 6), ("rmpeer", 9)),
         "Weave's rmpeer: whoever runs it is the heir"),
     "joiner_seeds_alone": Plant(
-        joiner_seeds_alone, SIM, "double-owner", (("operators", 9), ("operators", 1)),
+        joiner_seeds_alone, SIM, "double-owner", (("operators", 8), ("operators", 49)),
         "a joiner seeds its own ring without hearing its peers"),
     "wiped_name_reused": Plant(
         wiped_name_reused, SIM, "duplicate", (("operators", 9), ("operators", 1)),
         "a node that lost its data dir reuses its name and is not stopped"),
     "second_removal_missed": Plant(
-        second_removal_missed, SIM, "removed-allocated", (("rmpeer", 4), ("rmpeer", 8)),
+        second_removal_missed, SIM, "removed-allocated", (("rmpeer", 1), ("rmpeer", 5)),
         "fix undone: a second removal taken for the first rejoin (`_taken_over`)"),
     "witness_remark_skipped": Plant(
         witness_remark_skipped, SIM, "duplicate", (("operators", 13), ("operators-heavy", 9)),

@@ -244,18 +244,18 @@ def test_rmpeer_whose_heir_is_unreachable_says_which_peer_to_start_or_remove_fir
     assert owners(w.nodes[B]) == before and C not in w.nodes[B].alloc.ring.removed
 
 
-def test_peers_that_are_each_others_heirs_and_both_gone_say_to_start_one() -> None:
+def test_peers_that_are_each_others_heirs_and_both_gone_are_removed_together() -> None:
     """A and C own the ring, B joined later and owns nothing: A's heir is C and C's is A.
     With both gone, neither can be removed first, and B may not pick another heir from its
-    own view of who is alive (across a partition two hosts would pick two): both rmpeers
-    are refused saying so, and once A is back with its data, rmpeer C goes to A."""
+    own view of who is alive (across a partition two hosts would pick two): each rmpeer
+    alone is refused and says to name both.  Named together (the operator says both are
+    gone), the heir is chosen past them and B takes both over."""
     w = seeded((A, C))
     w.add(B, f"seed={A},{C}")
     w.connect(A, B)
     w.connect(B, C)
     w.run_until(1.0)
     assert set(owners(w.nodes[B]).values()) == {A, C}
-    disk_a = w.nodes[A].disk
     for dead in (A, C):
         w.cut(B, dead)
         w.links = {link for link in w.links if dead not in link}
@@ -265,17 +265,19 @@ def test_peers_that_are_each_others_heirs_and_both_gone_say_to_start_one() -> No
         r = w.reply(B, w.call(B, RmPeer(dead)))
         assert r is not None and r.error is not None and r.error.code == "unavailable", r
         assert f"go to {heir} and {heir}'s to {dead}" in r.error.message
-        assert "start one of them again" in r.error.message
+        assert f"weaveipam rmpeer {dead} {heir}" in r.error.message
     w.run_until(4.0)
     assert owners(w.nodes[B]) == before
-    w.now = 10.0
-    w.add(A, f"seed={A},{C}", disk=disk_a)
-    w.connect(A, B)
-    w.run_until(12.0)
-    rid = w.call(B, RmPeer(C))
-    w.run_until(16.0)
-    res = ok(w, B, rid)
-    assert res["heir"] == A and res["moved"] > 0, res
+    r = w.reply(B, w.call(B, RmPeer(A, gone=("nobody",))))
+    assert r is not None and r.error is not None and r.error.code == "bad-request", r
+    assert owners(w.nodes[B]) == before
+    for dead, other in ((A, C), (C, A)):
+        rid = w.call(B, RmPeer(dead, gone=(other,)))
+        w.run_until(w.now + 3.0)
+        res = ok(w, B, rid)
+        assert res["heir"] == B and res["moved"] > 0, res
+    assert set(owners(w.nodes[B]).values()) == {B}
+    assert ok(w, B, w.call(B, Allocate("pod-b"))) is not None
 
 
 def test_rmpeer_of_a_name_that_rejoined_takes_what_it_was_given_since() -> None:

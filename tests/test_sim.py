@@ -43,7 +43,7 @@ def test_rmpeer_heavy_runs_keep_every_invariant() -> None:
 # Small ranges, rmpeer-heavy, that once failed: a small entry whose "used" mark the free
 # count report undid before the witness confirmed it (no allocation ever again), a second
 # rmpeer answered "already removed" from a stale ring, an rmpeer sent to an heir that was
-# down, a stopped heir taking over, and fresh nodes
+# down, two gone peers each other's heir, a stopped heir taking over, and fresh nodes
 # started as a quorum while the ring's holder was cut off.
 SMALL_RMPEER_REGRESSIONS = (13, 32, 105, 144, 228, 257, 297, 390, 519)
 

@@ -450,7 +450,11 @@ class Simulator:
                 if n.removed and not n.removal_ok and self.now - n.down_since < 60:
                     # the rmpeer failed (its heir was down too, say): read why, try again
                     n.respawn_at = self.now + 8.0
-                    self._rmpeer(n)
+                    # others also waiting for their removal are gone too: name them (two
+                    # gone peers that are each other's heirs are removed only together)
+                    self._rmpeer(n, tuple(m.name for m in self.nodes if m is not n
+                                          and m.alloc is None and m.removed
+                                          and not m.removal_ok))
                     continue
                 if n.removed:
                     n.disk = Snapshot()
@@ -527,13 +531,13 @@ class Simulator:
                 self._drain(m)
         self._drain(n)
 
-    def _rmpeer(self, dead: SimNode) -> None:
+    def _rmpeer(self, dead: SimNode, gone: tuple[str, ...] = ()) -> None:
         live = [n for n in self.live() if not n.removed]
         if not live:
             return
         callers = self.rng.sample(live, min(len(live), self.rng.choice([1, 1, 2])))
         for c in callers:  # sometimes on two hosts at once (Weave #1949)
-            self.request(c, RmPeer(dead.name))
+            self.request(c, RmPeer(dead.name, gone))
         dead.removed = True
         dead.removal_ok = False
         for a in [a for a, (i, _) in self.ledger.items() if i == dead.idx]:

@@ -120,6 +120,7 @@ class AllocatorBase:
         self.vetting = False               # ... and the poll for that is running
         # dead peer -> (act by, waiting callers: (peer asking, or None for ours; rid))
         self.takeovers: dict[str, tuple[float, list[tuple[str | None, int]]]] = {}
+        self.rm_gone: dict[str, tuple[str, ...]] = {}  # dead -> others named gone with it
         # Before seeding a ring we must know that no reachable peer already holds one:
         # peers that told us they have none (an empty full ring, or Paxos claims).  A node
         # given peers waits SEED_WAIT for one to answer before it may seed alone.

@@ -44,6 +44,9 @@ class Lookup:
 @dataclass(frozen=True)
 class RmPeer:
     name: str
+    # other peers the operator says are gone too: skipped when choosing the heir, so peers
+    # that are each other's heirs can be removed together (`weaveipam rmpeer A B`)
+    gone: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

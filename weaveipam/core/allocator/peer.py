@@ -99,7 +99,7 @@ class Allocator(RingSync):
             self._reply(rid, self.state())
             return
         if isinstance(req, RmPeer):
-            self._rmpeer(rid, req.name)
+            self._rmpeer(rid, req.name, req.gone)
             return
         if isinstance(req, Leave):
             self._leave(rid, req.force)
@@ -130,8 +130,9 @@ class Allocator(RingSync):
             if now >= p.deadline:
                 del self.rm_pending[rid]
                 assert isinstance(p.req, RmPeer)
+                heir = self._heir_past(p.req.name, p.req.gone)
                 self._fail(rid, "unavailable", f"the heir for {p.req.name}, "
-                           f"{self.heir_for(p.req.name)}, did not answer; if it is gone too, "
+                           f"{heir}, did not answer; if it is gone too, "
                            "rmpeer it first")
         if not self.synced and self.restored and not self.vetting \
                 and now >= self.sync_deadline and set(self.ring.peers()) <= {self.name}:

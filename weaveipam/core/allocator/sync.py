@@ -205,10 +205,12 @@ class RingSync(Takeover):
                 self._send(sender, self._full_ring())
             return None
         if t == "rmpeer":
-            n, i = msg.get("n"), msg.get("id")
-            if not isinstance(n, str) or not valid_name(n) or type(i) is not int:
+            n, i, g = msg.get("n"), msg.get("id"), msg.get("gone", [])
+            if not isinstance(n, str) or not valid_name(n) or type(i) is not int \
+                    or not isinstance(g, list) or len(g) > 64 \
+                    or not all(isinstance(x, str) and valid_name(x) for x in g):
                 return "rmpeer request malformed"
-            self._on_rmpeer(sender, n, i)
+            self._on_rmpeer(sender, n, i, tuple(g))
             return None
         if t == "rmpeer-done":
             return self._on_rmpeer_done(msg)

@@ -29,7 +29,14 @@ class Takeover(Seeding):
         Chosen from the ring (shared, converged state), never "whoever ran rmpeer": two
         rmpeers of one peer on two hosts then give its ranges to one heir (Weave #1949).
         """
-        cands = sorted(set(self.ring.peers()) - set(self.ring.removed) - {dead})
+        return self._heir_among(dead, frozenset())
+
+    def _heir_past(self, dead: str, gone: tuple[str, ...]) -> str:
+        """heir_for, skipping peers the operator says are gone too (RmPeer.gone)."""
+        return self._heir_among(dead, frozenset(gone)) if gone else self.heir_for(dead)
+
+    def _heir_among(self, dead: str, gone: frozenset[str]) -> str:
+        cands = sorted(set(self.ring.peers()) - set(self.ring.removed) - {dead} - gone)
         if not cands:
             cands = sorted((self.reachable() | {self.name}) - {dead})
         if not cands:
@@ -37,11 +44,21 @@ class Takeover(Seeding):
         after = [c for c in cands if c > dead]
         return after[0] if after else cands[0]
 
-    def _rmpeer(self, rid: int, text: str) -> None:
+    def _rmpeer(self, rid: int, text: str, also: tuple[str, ...] = ()) -> None:
         dead = self.resolve_peer(text)
         if dead is None:
             self._fail(rid, "not-found", f"no peer named {text!r} is known")
             return
+        gone_l = []
+        for t in also:
+            g = self.resolve_peer(t)
+            if g is None or g == self.name or g in self.reachable():
+                why = ("is not known" if g is None else "is this peer" if g == self.name
+                       else "is reachable")
+                self._fail(rid, "bad-request", f"{t!r}, named as gone too, {why}")
+                return
+            gone_l.append(g)
+        gone = tuple(sorted(set(gone_l) - {dead}))
         if dead == self.name:
             self._fail(rid, "bad-request", "cannot rmpeer this peer itself; use "
                        "`weaveipam reset` here to hand its ranges away")
@@ -52,26 +69,30 @@ class Takeover(Seeding):
             self._fail(rid, "conflict", f"peer {dead} is reachable; stop it (or run "
                        "`weaveipam reset` on it) before removing it")
             return
-        heir = self.heir_for(dead)
+        heir = self._heir_past(dead, gone)
         if heir != self.name and heir not in self.reachable():
-            if self.heir_for(heir) == dead:
+            if self._heir_past(heir, gone) == dead:
                 # each other's heirs, both gone: neither removal can be done first. Only
                 # the ring may choose an heir (a host's view of who is alive is not shared:
                 # across a partition two hosts would choose two), so one must come back
                 self._fail(rid, "unavailable", f"{dead}'s ranges go to {heir} and {heir}'s "
-                           f"to {dead}, and neither is reachable from here: start one of them "
-                           "again with its data dir to remove the other")
+                           f"to {dead}, and neither is reachable from here: if both are gone "
+                           f"for good, remove them together (`weaveipam rmpeer {dead} {heir}`); "
+                           "else start one of them again with its data dir")
             else:
                 self._fail(rid, "unavailable", f"{dead}'s ranges go to {heir}, which is "
                            f"unreachable from here: start {heir} again, or if it is gone for "
                            f"good too, run `weaveipam rmpeer {heir}` first, then retry")
             return
         if heir == self.name:
-            self._take_over_later(dead, None, rid)
+            self._take_over_later(dead, None, rid, gone)
             self._flush()
             return
-        self.rm_pending[rid] = _Pending(rid, RmPeer(dead), self.now + self.op_timeout)
-        self._send(heir, {"t": "rmpeer", "n": dead, "id": rid})
+        self.rm_pending[rid] = _Pending(rid, RmPeer(dead, gone), self.now + self.op_timeout)
+        msg: dict[str, Any] = {"t": "rmpeer", "n": dead, "id": rid}
+        if gone:
+            msg["gone"] = list(gone)
+        self._send(heir, msg)
 
     def _take_over(self, dead: str) -> dict[str, Any]:
         already = dead in self.ring.removed
@@ -137,16 +158,21 @@ class Takeover(Seeding):
         self._event("warning", f"reset: {moved} IPs handed over, {held} allocations dropped")
         self._reply(rid, {"moved": moved, "dropped": held})
 
-    def _on_rmpeer(self, sender: str, dead: str, rid: int) -> None:
-        refused = self._rmpeer_refused(dead)
+    def _on_rmpeer(self, sender: str, dead: str, rid: int, gone: tuple[str, ...] = ()) -> None:
+        refused = self._rmpeer_refused(dead, gone)
         if refused is None:
-            self._take_over_later(dead, sender, rid)
+            self._take_over_later(dead, sender, rid, gone)
         else:
             self._rmpeer_answer(sender, rid, dead, *refused)
 
-    def _rmpeer_refused(self, dead: str) -> tuple[dict[str, Any], str] | None:
+    def _rmpeer_refused(self, dead: str, gone: tuple[str, ...] = ()
+                        ) -> tuple[dict[str, Any], str] | None:
         """None if we are the heir and may take `dead` over; else (result, error)."""
-        heir = self.heir_for(dead)
+        heir = self._heir_past(dead, gone)
+        back = sorted(set(gone) & self.reachable())
+        if back:
+            return {"moved": 0, "peer": dead, "heir": heir}, (
+                f"peer {back[0]}, named as gone too, is reachable from {self.name}")
         if self.fault or self.left:
             # stopped (lost state, removed, a duplicate name) or reset: its ring is not one
             # to act on, and what it took could be lost with it
@@ -172,9 +198,11 @@ class Takeover(Seeding):
             self._send(sender, {"t": "rmpeer-done", "id": rid, "moved": res["moved"],
                                 "n": dead, "heir": res["heir"], "err": err})
 
-    def _take_over_later(self, dead: str, sender: str | None, rid: int) -> None:
+    def _take_over_later(self, dead: str, sender: str | None, rid: int,
+                         gone: tuple[str, ...] = ()) -> None:
         """Take over once every reachable peer sent its ring: `dead` may have given space
         to a peer while we could not hear it, and we must not take that piece too."""
+        self.rm_gone[dead] = gone
         until, callers = self.takeovers.get(dead, (self.now + TAKEOVER_WAIT, []))
         self.takeovers[dead] = (until, [*callers, (sender, rid)])
         self._poll()
@@ -204,7 +232,8 @@ class Takeover(Seeding):
         for dead, (until, callers) in list(self.takeovers.items()):
             if done or self.now >= until:
                 del self.takeovers[dead]
-                self._answer_takeover(dead, callers, *(self._rmpeer_refused(dead)
+                gone = self.rm_gone.pop(dead, ())
+                self._answer_takeover(dead, callers, *(self._rmpeer_refused(dead, gone)
                                                        or (self._take_over(dead), "")))
         if not (self.vetting or self.takeovers):
             self.polling.clear()
