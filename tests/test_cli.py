@@ -153,6 +153,10 @@ def test_every_flag_value_is_checked(tmp_path: Path) -> None:
         (["--peer", "[::1"], "missing ']'"),
         (["--data-dir", str(afile)], "not a directory"),
         (["--socket", "/tmp/" + "s" * 120], "at most 107 bytes"),
+        (["--kubeconfig", str(tmp_path / "no-kubeconfig")], "no such file"),
+        (["--kubeconfig", str(tmp_path)], "not a file"),
+        (["--node-name", "Node_1"], "not a Kubernetes Node name"),
+        (["--kube-address-type", "internalip"], "use one of InternalIP, ExternalIP"),
     ]
     for args, why in cases:
         r = run("daemon", *d, *args) if args[0] != "--data-dir" else run("daemon", *args)
@@ -167,6 +171,12 @@ def test_every_flag_value_is_checked(tmp_path: Path) -> None:
     assert "argument --op-timeout: 'soon' (from WEAVEIPAM_OP_TIMEOUT)" in r.stderr, r.stderr
     r = run("daemon", *d, env={"PEERS": "127.0.0.1:6783 [::1"})
     assert r.returncode == 2 and "PEERS" in r.stderr, r.stderr
+    for var in ("WEAVEIPAM_POD_ROUTES", "WEAVEIPAM_INSECURE_PEERS"):
+        r = run("daemon", *d, env={var: "maybe"})
+        assert r.returncode == 2 and f"{var}='maybe': use 1 or 0" in r.stderr, r.stderr
+    r = run("daemon", *d, env={"NODE_NAME": "Node_1"})
+    assert r.returncode == 2 and "'Node_1' (from NODE_NAME)" in r.stderr, r.stderr
+    assert not (tmp_path / "d").exists()
 
 
 def test_version_help_and_no_arguments() -> None:

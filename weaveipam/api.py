@@ -176,12 +176,10 @@ class Api:
         res: dict[str, Any] = await self.d.call(RmPeer(req.match_info["name"]))
         if wants_json(req):
             return web.json_response(res)
-        heir = f"{res['heir']}({self.d.peer_nickname(res['heir'])})".replace("()", "")
         if res.get("already"):
             return web.Response(text=f"0 IPs taken over from {res['peer']}: already removed, "
-                                     f"its ranges went to {heir}\n")
-        return web.Response(text=f"{res['moved']} IPs taken over from {res['peer']} by "
-                                 f"{heir}\n")
+                                     f"its ranges went to {res['heir']}\n")
+        return web.Response(text=f"{res['moved']} IPs taken over from {res['peer']}\n")
 
     async def leave(self, req: web.Request) -> web.Response:
         """Weave's reset: hand every range to a live peer; `?forget=true` also discards

@@ -429,8 +429,19 @@ def cmd_rmpeer(args: argparse.Namespace) -> int:
     name = args.name
     if not name or "/" in name:
         _die(f"bad peer name {name!r}", EXIT_USAGE)
-    _, body = _client(args).call("DELETE", f"/peer/{_q(name)}")
-    print(body.decode().strip())
+    c = _client(args)
+    _, body = c.call("DELETE", f"/peer/{_q(name)}", accept_json=True)
+    res = json.loads(body)
+    heir = str(res.get("heir", ""))
+    _, rep = c.call("GET", "/report")  # the heir's nickname: the API keeps Weave's words
+    nick = next((str(p.get("nickname") or "") for p in json.loads(rep).get("peers", [])
+                 if p.get("name") == heir), "")
+    heir = f"{heir}({nick})" if nick else heir
+    if res.get("already"):
+        print(f"0 IPs taken over from {res.get('peer', name)}: already removed, its ranges "
+              f"went to {heir}")
+    else:
+        print(f"{res.get('moved', 0)} IPs taken over from {res.get('peer', name)} by {heir}")
     return EXIT_OK
 
 
@@ -446,8 +457,8 @@ PRIME_TEXT = {
 
 def cmd_prime(args: argparse.Namespace) -> int:
     c = _client(args)
-    _, body = c.call("GET", "/ring")
-    state = body.decode().strip()
+    _, body = c.call("GET", "/ring", accept_json=True)
+    state = str(json.loads(body).get("state", ""))
     text = PRIME_TEXT.get(state)
     if text is None:  # a state that needs the operator: the daemon's own advice says what
         _, rep = c.call("GET", "/report")
