@@ -94,7 +94,7 @@ def convergence(donations: int) -> None:
             node.peers = [f"{m.addr}:6783" for m in c.nodes if m is not node]
             node.start()
         for node in c.nodes:
-            wait_for(lambda node=node: api(node, "GET", "/ring")[1].strip() == "ready",
+            wait_for(lambda node=node: api(node, "GET", "/ring")[0] == 200,
                      timeout=60, what="ready")
         n0, n1 = c.nodes[0], c.nodes[1]
         times, k = [], 0

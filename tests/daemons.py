@@ -196,11 +196,9 @@ class Node:
         return body.split("/")[0]
 
     def lookup(self, ident: str) -> list[str]:
-        code, body = self.api("GET", f"/ip/{ident}")
-        if code == 404:
-            return []
+        code, body = self.api("GET", f"/ip/{ident}")  # Weave's: 200, space-separated
         assert code == 200, body
-        return [line.split("/")[0] for line in body.splitlines() if line]
+        return [a.split("/")[0] for a in body.split()]
 
 
 class Cluster:

@@ -79,7 +79,7 @@ def cid() -> str:
 
 
 def owned(n: Node) -> dict[str, list[str]]:
-    code, body = n.api("GET", "/ip")
+    code, body = n.api("GET", "/ip", json_=True)
     assert code == 200, body
     return {o["containerid"]: [a.split("/")[0] for a in o["addrs"]]
             for o in json.loads(body)["owned"]}
@@ -126,7 +126,7 @@ def test_add_check_del_through_bridge(node: Node, scratch: HostScratch, version:
     assert ns.addrs() == [addr]  # configured inside the namespace
     ip_only = addr.split("/")[0]
     assert owned(node)[ident(c)] == [ip_only]
-    code, body = node.api("GET", "/ip")
+    code, body = node.api("GET", "/ip", json_=True)
     assert "default/web-1" in body  # the pod, as `weaveipam ls` shows it
 
     if version >= "0.4.0":
@@ -455,7 +455,7 @@ def test_unicode_and_long_values_reach_the_daemon(node: Node, shim: Path) -> Non
                    args="K8S_POD_NAMESPACE=ns;K8S_POD_NAME=pöd 1%", cni_path="/p" * 1300,
                    socket=node.socket)
     ok(r)
-    code, body = node.api("GET", "/ip")
+    code, body = node.api("GET", "/ip", json_=True)
     notes = {o["containerid"]: o["notes"] for o in json.loads(body)["owned"]}
     assert notes[ident(c)] == ["ns/pöd 1%"]
     ok(run_plugin(shim, "DEL", conf, container_id=c, netns="", ifname="eth0",

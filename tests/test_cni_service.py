@@ -14,7 +14,7 @@ from weaveipam.cni.config import HEADERS
 from weaveipam.cni.service import CniService
 from weaveipam.core.addr import CIDR
 from weaveipam.core.allocator import Allocate, Allocator, InitMode, Reply, Request
-from weaveipam.daemon import ApiError
+from weaveipam.node import ApiError
 
 
 class FakeDaemon:
@@ -136,6 +136,10 @@ async def test_default_subnet_prefix() -> None:
     res = (await run("ADD", {**net(), "runtimeConfig": {"ips": ["198.18.9.9/24"]}},
                      cid="c3"))[1]
     assert res["ips"][0]["address"] == "198.18.9.9/16"  # outside the default: the range's
+    res = (await run("ADD", {**net(subnet="198.18.8.0/22"),
+                             "runtimeConfig": {"ips": ["198.18.9.10/22"]}}, cid="c4"))[1]
+    assert res["ips"][0]["address"] == "198.18.9.10/22"
+    assert run.d.alloc.prefix_of(int(ipaddress.IPv4Address("198.18.9.10"))) == 22  # kept
 
 
 async def test_gateway_is_never_a_pods(d: FakeDaemon, run: Runner) -> None:

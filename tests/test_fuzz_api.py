@@ -243,8 +243,8 @@ def test_bodies(node: Node, size: int, fill: bytes, method: str, json_: bool) ->
     assert_no_server_error(code, text, f"{method} {size} bytes")
     if size > MAX_BODY:
         assert code == 413, (size, code, text)
-    elif method == "DELETE":
-        assert code == 404, (size, code, text)
+    elif method == "DELETE":  # nothing held: Weave's 400, our JSON 404
+        assert code == (404 if json_ else 400), (size, code, text)
     else:
         assert code in (200, 204), (size, code, text)
         assert request(node, "DELETE", f"/ip/{ident}")[0] == 204

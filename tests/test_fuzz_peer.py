@@ -56,9 +56,9 @@ API_DEADLINE = 10.0  # seconds: catches a daemon that stopped answering, not a s
 
 
 def assert_answers(n: Node) -> None:
-    """After one case: alive, and its API answers (a lookup of nothing is a 404)."""
+    """After one case: alive, and its API answers (a lookup of nothing is our 404)."""
     assert n.running(), "daemon died:\n" + n.log_tail()
-    code, body = n.api("GET", "/ip/fuzz-nobody", timeout=API_DEADLINE, unix=True)
+    code, body = n.api("GET", "/ip/fuzz-nobody", timeout=API_DEADLINE, unix=True, json_=True)
     assert code == 404, (code, body)
 
 

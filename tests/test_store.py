@@ -47,7 +47,8 @@ def replay(records: Iterable[Record]) -> Snapshot:
 def ordered(snap: Snapshot) -> tuple[object, ...]:
     """Snapshot as a tuple that also compares insertion order (dict == ignores it)."""
     allocs = [(ident, list(addrs.items())) for ident, addrs in snap.allocations.items()]
-    return (snap.name, snap.universe, snap.ring, snap.paxos, allocs)
+    return (snap.name, snap.universe, snap.ring, snap.paxos, allocs,
+            sorted(snap.prefixes.items()))
 
 
 @pytest.fixture
@@ -148,7 +149,8 @@ def test_random_histories_reload_to_replayed_snapshot(db: Path, seed: int) -> No
                 roll = rng.random()
                 if roll < 0.5:
                     rec: Record = PutAllocation(
-                        rng.choice(idents), rng.choice(addresses), rng.choice(["", "x", "y"])
+                        rng.choice(idents), rng.choice(addresses), rng.choice(["", "x", "y"]),
+                        rng.choice([None, 0, 12, 24, 128]),
                     )
                 elif roll < 0.85:
                     rec = DelAllocation(rng.choice(idents), rng.choice(addresses))
@@ -405,6 +407,31 @@ def test_damaged_database_pages_raise(db: Path) -> None:
     db.write_bytes(bytes(data))
     with pytest.raises(StoreError, match=str(db)):
         Store(db).load()
+
+
+def test_store_from_before_prefixes_loads_and_keeps_them_from_then_on(db: Path) -> None:
+    """A store written before the subnet prefix was kept (no `prefix` column) opens: its
+    allocations have no prefix (the default subnet's is shown), new ones keep theirs."""
+    db.parent.mkdir(parents=True)
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.executescript(
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB);"
+        "CREATE TABLE idents (ident TEXT PRIMARY KEY, seq INTEGER NOT NULL);"
+        "CREATE TABLE allocations (ident TEXT NOT NULL, address BLOB NOT NULL,"
+        " note TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (ident, address));"
+        f"INSERT INTO meta VALUES ('schema_version', {SCHEMA_VERSION});"
+        "INSERT INTO idents VALUES ('old', 1);")
+    conn.execute("INSERT INTO allocations VALUES ('old', ?, 'a pod', 1)",
+                 (V4_A.to_bytes(16, "big"),))
+    conn.close()
+    with Store(db) as store:
+        snap = store.load()
+        assert snap.allocations == {"old": {V4_A: "a pod"}} and snap.prefixes == {}
+        store.commit_sync([PutAllocation("new", V4_A + 1, "", 24)])
+    with Store(db) as again:
+        snap = again.load()
+        assert snap.prefixes == {("new", V4_A + 1): 24}
+        assert snap.allocations["old"] == {V4_A: "a pod"}
 
 
 def test_unknown_schema_version_raises(db: Path) -> None:

@@ -240,12 +240,17 @@ class Client:
             return False
         return True
 
-    def request(self, method: str, path: str, accept_json: bool = False) -> tuple[int, bytes]:
+    def request(self, method: str, path: str, accept_json: bool = False,
+                form: list[tuple[str, str]] | None = None) -> tuple[int, bytes]:
         """Raises OSError when no daemon answers."""
         c = self._conn()
         try:
             headers = {"Accept": "application/json"} if accept_json else {}
-            c.request(method, path, headers=headers)
+            body = None
+            if form is not None:
+                body = urllib.parse.urlencode(form).encode()
+                headers["Content-Type"] = "application/x-www-form-urlencoded"
+            c.request(method, path, body=body, headers=headers)
             r = c.getresponse()
             return r.status, r.read()
         except (http.client.HTTPException, ConnectionError) as e:
@@ -253,11 +258,12 @@ class Client:
         finally:
             c.close()
 
-    def call(self, method: str, path: str, accept_json: bool = False) -> tuple[int, bytes]:
+    def call(self, method: str, path: str, accept_json: bool = False,
+             form: list[tuple[str, str]] | None = None) -> tuple[int, bytes]:
         """Like request, but exits with a clear message when the daemon is unreachable or
         refuses."""
         try:
-            status, body = self.request(method, path, accept_json)
+            status, body = self.request(method, path, accept_json, form)
         except OSError as e:
             _die(f"cannot reach the weaveipam daemon at {self.where()}: {e}; is it running? "
                  "(point at it with --socket, WEAVEIPAM_SOCKET or --http)", EXIT_UNREACHABLE)
@@ -378,7 +384,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    _, body = _client(args).call("GET", "/ip")
+    _, body = _client(args).call("GET", "/ip", accept_json=True)
     owned = json.loads(body)["owned"]
     if args.json:
         print(json.dumps(owned, indent=2))
@@ -398,19 +404,33 @@ def cmd_alloc(args: argparse.Namespace) -> int:
         except ValueError as e:
             _die(f"subnet {args.cidr!r}: {e}", EXIT_USAGE)
         path += f"/{_q(str(net.network_address))}/{net.prefixlen}"
-    _, body = _client(args).call("POST", path)
-    print(body.decode().strip())
+    _, body = _client(args).call("POST", path, accept_json=True)
+    print(json.loads(body)["address"])
     return EXIT_OK
 
 
 def cmd_claim(args: argparse.Namespace) -> int:
     ident = _ident(args.id)
     ip, prefix = _ip_prefix(args.addr)
-    if prefix is None:
-        prefix = "32" if ":" not in ip else "128"
-    _client(args).call("PUT", f"/ip/{_q(ident)}/{_q(ip)}/{prefix}")
+    c = _client(args)
+    if prefix is None:  # the prefix kept with it: its default subnet's, else the range's
+        prefix = _subnet_prefix(c, ip)
+    c.call("PUT", f"/ip/{_q(ident)}/{_q(ip)}/{prefix}", accept_json=True)
     print(f"{ip} claimed for {ident}")
     return EXIT_OK
+
+
+def _subnet_prefix(c: Client, ip: str) -> str:
+    import ipaddress
+
+    _, body = c.call("GET", "/ipinfo/defaultsubnet", accept_json=True)
+    info = json.loads(body)
+    addr = ipaddress.ip_address(ip)
+    for cidr in (info["subnet"], info["range"]):
+        net = ipaddress.ip_network(cidr)
+        if addr.version == net.version and addr in net:
+            return str(net.prefixlen)
+    return str(addr.max_prefixlen)  # outside the range: the daemon says so
 
 
 def cmd_release(args: argparse.Namespace) -> int:
@@ -448,14 +468,13 @@ def cmd_rmpeer(args: argparse.Namespace) -> int:
 PRIME_TEXT = {
     "ready": "the ring is established: this peer can allocate",
     "waiting-for-space": "the ring is established; this peer is waiting for free space",
-    "awaiting-consensus": "consensus started: the ring is seeded once a quorum of peers "
-                          "agrees (`weaveipam status` shows who is known)",
-    "awaiting-ring": "this peer is an observer: it waits for a ring from a peer",
     "rejoining": "this peer has a ring and waits to hear a peer's copy before allocating",
 }
 
 
 def cmd_prime(args: argparse.Namespace) -> int:
+    """`GET /ring` answers once the ring exists (or, after --op-timeout, refuses with why):
+    say what that means here rather than print the state's token."""
     c = _client(args)
     _, body = c.call("GET", "/ring", accept_json=True)
     state = str(json.loads(body).get("state", ""))
@@ -464,6 +483,33 @@ def cmd_prime(args: argparse.Namespace) -> int:
         _, rep = c.call("GET", "/report")
         text = str(json.loads(rep).get("advice") or state)
     print(text)
+    return EXIT_OK
+
+
+def _peer_form(peers: list[str]) -> list[tuple[str, str]]:
+    for p in peers:
+        try:
+            check_peer(p)
+        except ValueError as e:
+            _die(f"{p!r}: {e} (give HOST or HOST:PORT)", EXIT_USAGE)
+    return [("peer", p) for p in peers]
+
+
+def cmd_connect(args: argparse.Namespace) -> int:
+    """Weave's `weave connect [--replace] PEER...`: dial these peers, also after restarts."""
+    form = _peer_form(args.peers)
+    if args.replace:
+        form.append(("replace", "true"))
+    _, body = _client(args).call("POST", "/connect", accept_json=True, form=form)
+    print("dialling: " + (" ".join(json.loads(body)["peers"]) or "no peers"))
+    return EXIT_OK
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    """Weave's `weave forget PEER...`: stop dialling them (connections up stay up)."""
+    _, body = _client(args).call("POST", "/forget", accept_json=True,
+                                 form=_peer_form(args.peers))
+    print("dialling: " + (" ".join(json.loads(body)["peers"]) or "no peers"))
     return EXIT_OK
 
 
@@ -549,7 +595,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
     from .core.addr import CIDR
     from .core.allocator import InitMode
-    from .daemon import Config, Daemon, StartupError
+    from .daemon import Config, StartupError
     from .names import default_nickname
 
     nickname = args.nickname or default_nickname()
@@ -590,6 +636,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
                         "%(name)s: %(message)s")
     _check_peer_auth(args, password)  # a refusal here costs no aiohttp import
     _import_aiohttp()
+    from .server import make_daemon
+
     data_dir = Path(args.data_dir).absolute()
     cfg = Config(universe=universe, init=init, data_dir=data_dir, default_subnet=default_subnet,
                  peers=peers, host=args.host, port=args.port, conn_limit=args.conn_limit,
@@ -598,7 +646,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
                  http_addr=http_addr, status_addr=status_addr, op_timeout=args.op_timeout,
                  password=password, second_password=second_password,
                  pod_routes=pod_routes, kube=kube, init_explicit=init_explicit)
-    daemon = Daemon(cfg)
+    daemon = make_daemon(cfg)
     factory: Any = None
     try:
         import uvloop
@@ -919,7 +967,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rmpeer", parents=[common], help="take over a dead peer's ranges")
     p.add_argument("name", metavar="NAME", help="peer name or nickname")
     p.set_defaults(func=cmd_rmpeer)
-    p = sub.add_parser("prime", parents=[common], help="start consensus now")
+    p = sub.add_parser("connect", parents=[common],
+                       help="dial more peers, kept across restarts (weave connect)")
+    p.add_argument("peers", nargs="+", metavar="HOST[:PORT]")
+    p.add_argument("--replace", action="store_true", help="instead of the current peers")
+    p.set_defaults(func=cmd_connect)
+    p = sub.add_parser("forget", parents=[common],
+                       help="stop dialling peers, also after restarts (weave forget)")
+    p.add_argument("peers", nargs="+", metavar="HOST[:PORT]")
+    p.set_defaults(func=cmd_forget)
+    p = sub.add_parser("prime", parents=[common], help="start consensus now and wait for the ring "
+                       "(weave prime)")
     p.set_defaults(func=cmd_prime)
     p = sub.add_parser("reset", parents=[common],
                        help="hand this peer's ranges away and discard its state")

@@ -15,17 +15,16 @@ import contextlib
 import fcntl
 import ipaddress
 import itertools
+import json
 import logging
 import os
 import random
 import signal
-import socket
-import stat
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .core.addr import CIDR
 from .core.allocator import (
@@ -41,7 +40,10 @@ from .core.allocator import (
 from .core.records import Record, Snapshot
 from .mesh import ConnInfo, Mesh, MeshError, PeerInfo
 from .names import check_name, default_nickname, new_name, new_uid, read_name, write_name
+from .node import ApiError, StartupError
 from .store import Store, StoreError, disk_error
+
+__all__ = ["ApiError", "Config", "Daemon", "StartupError", "default_socket", "parse_hostport"]
 
 log = logging.getLogger("weaveipam.daemon")
 
@@ -53,19 +55,7 @@ DEFAULT_PORT = 6783
 MESH_STOP_TIMEOUT = 3.0
 REPLY_GRACE = 5.0
 FLUSH_DELAY = 0.1
-
-
-class StartupError(Exception):
-    """The daemon refuses to start; the message says why and what to do."""
-
-
-class ApiError(Exception):
-    """An allocator Fail (or a shell-side refusal) for the API to map to a status code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+PEERS_FILE = "peers.json"  # peers added or forgotten at run time (weave connect/forget)
 
 
 @dataclass
@@ -127,6 +117,12 @@ def parse_hostport(text: str, default_port: int | None) -> tuple[str, int]:
             port_s = rest[1:]
     elif t.count(":") == 1:
         host, port_s = t.split(":")
+    elif ":" in t:
+        try:
+            ipaddress.IPv6Address(t)
+        except ValueError:
+            raise ValueError(f"{text!r}: not HOST[:PORT] (write an IPv6 address with a "
+                             "port as [ADDR]:PORT)") from None
     if not port_s:
         if default_port is None:
             raise ValueError(f"{text!r}: needs a port, e.g. 127.0.0.1:6784")
@@ -147,11 +143,22 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class Daemon:
-    """Owns the allocator, the mesh, the store and the local servers."""
+class Closable(Protocol):
+    where: str  # for the start-up log line, e.g. "API on ..., status on ..."
 
-    def __init__(self, cfg: Config) -> None:
+    async def cleanup(self) -> None: ...
+
+
+# Starts the daemon's HTTP side (server.serve); what it returns is closed at shutdown.
+Serve = Callable[["Daemon"], Awaitable[Closable]]
+
+
+class Daemon:
+    """Owns the allocator, the mesh and the store; `serve` puts it on its listeners."""
+
+    def __init__(self, cfg: Config, serve: Serve | None = None) -> None:
         self.cfg = cfg
+        self._serve = serve
         self.name = ""
         self.uid = new_uid()
         self.alloc: Allocator | None = None
@@ -170,10 +177,11 @@ class Daemon:
         self._tail: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._runners: list[Any] = []
+        self._runners: list[Closable] = []
+        # peers we dial as given: the command line, as changed by connect/forget
+        self.direct: list[tuple[str, int]] = []
         self._lock_fd: int | None = None
         self._closed = False  # after shutdown drained the pipeline: no more engine calls
-        self._socket_path: Path | None = None
         self._seen_conns: set[tuple[str, str, bool]] = set()
         self.metrics: Any = None
         self.kube: Any = None  # weaveipam.kube.mode.KubeMode in Kubernetes mode
@@ -254,6 +262,87 @@ class Daemon:
             return self.cfg.nickname
         return self.allocator.nickname_of(name)
 
+    # ---- peers added and forgotten at run time (weave connect / forget) --------------------
+
+    def direct_peers(self) -> list[str]:
+        return [addr_text(p) for p in self.direct]
+
+    def connect_peers(self, peers: Sequence[str], replace: bool) -> None:
+        """Dial these peers from now on (instead of all others, with `replace`), and
+        after a restart too.  A bad address refuses the whole call: nothing changes."""
+        new = self._parse_peers(peers)
+        keep = [] if replace else list(self.direct)
+        wanted = keep + [p for p in new if p not in keep]
+        self._set_direct(wanted)
+
+    def forget_peers(self, peers: Sequence[str]) -> None:
+        """Stop dialling these peers (a connection that is up stays up, as Weave's)."""
+        gone = self._parse_peers(peers)
+        self._set_direct([p for p in self.direct if p not in gone])
+
+    def _parse_peers(self, peers: Sequence[str]) -> list[tuple[str, int]]:
+        out: list[tuple[str, int]] = []
+        bad: list[str] = []
+        for text in peers:
+            try:
+                host, port = parse_hostport(text, DEFAULT_PORT)
+            except ValueError as e:
+                bad.append(str(e))
+                continue
+            if (len(host) > 255 or not host.isprintable() or port == 0
+                    or any(c.isspace() for c in host)):
+                bad.append(f"{text!r}: not a HOST[:PORT] to dial")
+                continue
+            out.append((host, port))
+        if bad:
+            raise ApiError("bad-request", "bad peer address: " + "; ".join(bad)
+                           + " (give HOST or HOST:PORT; nothing was changed)")
+        return out
+
+    def _set_direct(self, wanted: list[tuple[str, int]]) -> None:
+        """Record the new peer list durably first, then make the mesh dial it."""
+        self._save_peers(wanted)
+        old, self.direct = self.direct, wanted
+        if self.mesh is None:
+            return
+        for host, port in old:
+            if (host, port) not in wanted:
+                self.mesh.forget_peer(host, port)
+        for host, port in wanted:
+            self.mesh.add_peer(host, port)
+
+    def _save_peers(self, peers: list[tuple[str, int]]) -> None:
+        """`peers`: the list to dial; `launch`: the command line it was made against, so
+        a peer added to the command line later is still dialled after a restart."""
+        path = self.cfg.data_dir / PEERS_FILE
+        tmp = path.with_suffix(".tmp")
+        doc = {"peers": [addr_text(p) for p in peers],
+               "launch": [addr_text(p) for p in self.cfg.peers]}
+        try:
+            with open(tmp, "w") as f:
+                json.dump(doc, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            raise ApiError("unavailable", f"cannot record the peer list in {path}: {e}; "
+                           "nothing was changed") from e
+
+    def _initial_peers(self) -> list[tuple[str, int]]:
+        """The command line's peers, as changed at run time before the last stop."""
+        path = self.cfg.data_dir / PEERS_FILE
+        launch = list(dict.fromkeys(self.cfg.peers))
+        try:
+            doc = json.loads(path.read_text())
+            saved = [parse_hostport(t, DEFAULT_PORT) for t in doc["peers"]]
+            before = {parse_hostport(t, DEFAULT_PORT) for t in doc["launch"]}
+        except FileNotFoundError:
+            return launch
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("ignoring %s (%s): dialling the command line's peers only", path, e)
+            return launch
+        return list(dict.fromkeys(saved + [p for p in launch if p not in before]))
+
     # ---- start ---------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -271,6 +360,7 @@ class Daemon:
 
             self.kube = make(self, cfg.kube)
             await self.kube.before_allocator(first_start=snap.ring is None)
+        self.direct = self._initial_peers()
         try:
             self.alloc = Allocator(name=self.name, nickname=cfg.nickname, universe=cfg.universe,
                                    init=cfg.init, rng=random.Random(),
@@ -281,15 +371,13 @@ class Daemon:
                                    auto_prime=True,
                                    # given peers: hear whether they hold a ring before
                                    # seeding one of our own (a joiner must not split them)
-                                   expect_peers=bool(cfg.peers))
+                                   expect_peers=bool(self.direct))
         except ValueError as e:
             raise StartupError(f"cannot restore state from {cfg.store_path}: {e}. "
                                + self._discard_hint()) from e
         self._keep_name()
         # the constructor's records (identity, a seed ring) are durable before we talk
         await self._commit_now(self.alloc.take_outputs())
-        from .metrics import Metrics
-        self.metrics = Metrics(self)
         try:
             self.mesh = Mesh(name=self.name, nickname=cfg.nickname, uid=self.uid,
                              host=cfg.host, port=cfg.port, conn_limit=cfg.conn_limit,
@@ -305,12 +393,13 @@ class Daemon:
             hint = ("; another process holds it: give this daemon a free --port (or "
                     "another --host)" if "cannot listen" in str(e) else "")
             raise StartupError(f"peer network: {e}{hint}") from e
-        for host, port in cfg.peers:
+        for host, port in self.direct:
             try:
                 self.mesh.add_peer(host, port)
             except MeshError as e:
                 log.warning("ignoring peer %s:%d: %s", host, port, e)
-        await self._start_servers()
+        if self._serve is not None:
+            self._runners.append(await self._serve(self))
         self._tasks.append(asyncio.create_task(self._ticker(), name="weaveipam-tick"))
         if cfg.pod_routes:
             from .routes import keep_routes
@@ -320,12 +409,11 @@ class Daemon:
         self.started = True
 
         log.info("weaveipam %s(%s) started: range %s, init %s, peer port %d, %d peer(s) "
-                 "given, peer encryption %s, API on %s%s, status on %s, state %s",
+                 "to dial, peer encryption %s, %s, state %s",
                  self.name, cfg.nickname,
-                 cfg.universe, _init_text(cfg.init), self.mesh.listen_port, len(cfg.peers),
+                 cfg.universe, _init_text(cfg.init), self.mesh.listen_port, len(self.direct),
                  "enabled" if self.mesh.encrypted else "disabled",
-                 self._socket_path, _addr_text(cfg.http_addr, " and "),
-                 _addr_text(cfg.status_addr) or "(disabled)", self.alloc.state())
+                 ", ".join(r.where for r in self._runners) or "no API", self.alloc.state())
 
     def _lock_data_dir(self) -> None:
         d = self.cfg.data_dir
@@ -421,76 +509,6 @@ class Daemon:
             f"{snap.universe}, but this daemon is peer {self.name} with range {uni}; "
             f"refusing to start rather than drop it. To keep it, start with "
             f"{' '.join(keep)}. " + self._discard_hint())
-
-    async def _start_servers(self) -> None:
-        from aiohttp import web
-
-        from .api import make_api_app
-        from .status import make_status_app
-
-        cfg = self.cfg
-        api = web.AppRunner(make_api_app(self), handle_signals=False, access_log=None,
-                            shutdown_timeout=5.0, logger=_http_log())
-        await api.setup()
-        self._runners.append(api)
-        sock = cfg.socket or default_socket(cfg.data_dir)
-        self._prepare_socket(sock)
-        old = os.umask(0o177)  # the socket is created 0600: only root/owner may allocate
-        try:
-            await web.UnixSite(api, str(sock)).start()
-        except OSError as e:
-            raise StartupError(f"cannot listen on socket {sock}: {e}") from e
-        finally:
-            os.umask(old)
-        os.chmod(sock, 0o600)
-        self._socket_path = sock
-        # `weaveipam CMD --data-dir DIR` finds this daemon's socket from its data dir
-        (cfg.data_dir / SOCKET_RECORD).write_text(f"{sock.absolute()}\n")
-        if cfg.http_addr is not None:
-            host, port = cfg.http_addr
-            if not is_loopback(host):
-                log.warning("--http-addr %s:%d is not a loopback address: anyone who can "
-                            "reach it can allocate and release addresses", host, port)
-            try:
-                await web.TCPSite(api, host, port).start()
-            except OSError as e:
-                raise StartupError(f"cannot listen on --http-addr {host}:{port}: {e}") from e
-        if cfg.status_addr is not None:
-            st = web.AppRunner(make_status_app(self), handle_signals=False, access_log=None,
-                               shutdown_timeout=2.0, logger=_http_log())
-            await st.setup()
-            self._runners.append(st)
-            host, port = cfg.status_addr
-            try:
-                await web.TCPSite(st, host, port).start()
-            except OSError as e:
-                raise StartupError(f"cannot listen on --status-addr {host}:{port}: {e}") from e
-
-    @staticmethod
-    def _prepare_socket(sock: Path) -> None:
-        """Remove a stale socket left by a crash; refuse if a daemon still listens there."""
-        try:
-            sock.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-        except OSError as e:
-            raise StartupError(f"cannot create socket directory {sock.parent}: {e}") from e
-        try:
-            st = sock.lstat()
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(st.st_mode):
-            raise StartupError(f"--socket {sock} exists and is not a socket; remove it or "
-                               "choose another path")
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.settimeout(1.0)
-            s.connect(str(sock))
-        except OSError:
-            sock.unlink(missing_ok=True)
-            return
-        finally:
-            s.close()
-        raise StartupError(f"another daemon is listening on socket {sock}; stop it, or "
-                           "give this one its own --socket")
 
     # ---- the output pipeline ---------------------------------------------------------------
 
@@ -710,41 +728,11 @@ class Daemon:
                 except StoreError as e:
                     log.error("%s", e)
             await self.store.aclose()
-        if self._socket_path is not None:
-            self._socket_path.unlink(missing_ok=True)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
         if self.started:
             log.info("stopped")
-
-
-class _OneLine(logging.Filter):
-    """aiohttp logs a request it cannot parse (an oversize or non-ASCII request line) with
-    a full traceback; it is the client's mistake, and one line says all of it."""
-
-    def __init__(self, bad: type[Exception]) -> None:
-        super().__init__()
-        self.bad = bad
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, self.bad):
-            why = " ".join(str(getattr(exc, "message", exc)).split())
-            record.msg, record.args = "%s: %s", (record.getMessage(), why[:200])
-            record.exc_info, record.exc_text = None, None
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-        return True
-
-
-def _http_log() -> logging.Logger:
-    """The local servers' logger: aiohttp's, with bad requests on one line."""
-    from aiohttp.http_exceptions import HttpProcessingError
-
-    lg = logging.getLogger("weaveipam.http")
-    if not lg.filters:
-        lg.addFilter(_OneLine(HttpProcessingError))
-    return lg
 
 
 def _log_tasks() -> None:
@@ -760,7 +748,7 @@ def _log_tasks() -> None:
 _LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-def _addr_text(a: tuple[str, int] | None, before: str = "") -> str:
+def addr_text(a: tuple[str, int] | None, before: str = "") -> str:
     if a is None:
         return ""
     host = f"[{a[0]}]" if ":" in a[0] else a[0]

@@ -18,14 +18,14 @@ from prometheus_client.registry import Collector
 from .core.allocator import Allocate
 
 if TYPE_CHECKING:
-    from .daemon import Daemon
+    from .node import Node
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    2.5, 5.0, 10.0, 30.0)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def unreachable_owners(d: Daemon) -> tuple[int, int]:
+def unreachable_owners(d: Node) -> tuple[int, int]:
     """(unreachable peers owning space, addresses they own)."""
     a = d.allocator
     live = a.reachable() | {a.name}
@@ -35,7 +35,7 @@ def unreachable_owners(d: Daemon) -> tuple[int, int]:
 
 
 class _IpamCollector(Collector):
-    def __init__(self, d: Daemon) -> None:
+    def __init__(self, d: Node) -> None:
         self.d = d
 
     def collect(self) -> Iterator[Metric]:
@@ -112,7 +112,7 @@ class _IpamCollector(Collector):
 class Metrics:
     """One daemon's registry: the Weave gauges plus our latency histograms."""
 
-    def __init__(self, d: Daemon) -> None:
+    def __init__(self, d: Node) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_IpamCollector(d))
         self.allocate_seconds = Histogram(

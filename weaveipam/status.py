@@ -19,12 +19,12 @@ from .core.allocator import Allocate, Claim
 from .metrics import CONTENT_TYPE, unreachable_owners
 
 if TYPE_CHECKING:
-    from .daemon import Daemon
+    from .node import Node
 
 log = logging.getLogger("weaveipam.status")
 
 
-def state_text(d: Daemon) -> str:
+def state_text(d: Node) -> str:
     """The allocator's explanation, or its bare state if explaining fails."""
     a = d.allocator
     try:
@@ -34,7 +34,7 @@ def state_text(d: Daemon) -> str:
         return a.state()
 
 
-def weave_state(d: Daemon) -> str:
+def weave_state(d: Node) -> str:
     """The one-line IPAM status, in Weave's words where Weave had them."""
     a = d.allocator
     s = a.state()
@@ -60,7 +60,7 @@ def weave_state(d: Daemon) -> str:
             "left": "left (reset)"}.get(s, s)
 
 
-def advice(d: Daemon) -> str | None:
+def advice(d: Node) -> str | None:
     """What the operator should know or do, when the peer is not simply ready."""
     if d.store_error is not None:
         return d.store_error
@@ -79,7 +79,7 @@ def advice(d: Daemon) -> str | None:
     return state_text(d)
 
 
-def _count_active(d: Daemon) -> int:
+def _count_active(d: Node) -> int:
     return sum(len(v) for v in d.allocator.allocations().values())
 
 
@@ -87,20 +87,20 @@ STRIP_WIDTH = 64
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 
 
-def _label(d: Daemon, name: str) -> str:
+def _label(d: Node, name: str) -> str:
     """`name(nickname)`, or the bare name while its nickname is unknown."""
     nick = d.peer_nickname(name)
     return f"{name}({nick})" if nick else name
 
 
-def _owners(d: Daemon) -> list[str]:
+def _owners(d: Node) -> list[str]:
     """Peers owning space, in the table's order: this peer first, then by name."""
     a = d.allocator
     owned = a.ring.peers()
     return ([a.name] if a.name in owned else []) + sorted(p for p in owned if p != a.name)
 
 
-def ring_strip(d: Daemon, width: int = STRIP_WIDTH) -> str:
+def ring_strip(d: Node, width: int = STRIP_WIDTH) -> str:
     """The range drawn as `width` letters, each the owner (by its table letter) of the
     address in the middle of that column; `.` where the owner is not known yet."""
     a = d.allocator
@@ -119,7 +119,7 @@ def ring_strip(d: Daemon, width: int = STRIP_WIDTH) -> str:
     return "".join(out)
 
 
-def ipam_lines(d: Daemon, letters: bool = False) -> list[str]:
+def ipam_lines(d: Node, letters: bool = False) -> list[str]:
     """A line per peer owning space, as `weave status ipam` (with `letters`, each starts
     with the peer's letter in the ring strip)."""
     a = d.allocator
@@ -142,7 +142,7 @@ def ipam_lines(d: Daemon, letters: bool = False) -> list[str]:
     return lines
 
 
-def ipam_text(d: Daemon) -> str:
+def ipam_text(d: Node) -> str:
     """`weave status ipam`: a line per peer owning space, then the state."""
     lines = ipam_lines(d)
     lines.append("")
@@ -153,7 +153,7 @@ def ipam_text(d: Daemon) -> str:
     return "\n".join(lines) + "\n"
 
 
-def encryption_text(d: Daemon) -> str:
+def encryption_text(d: Node) -> str:
     """Weave's "enabled"/"disabled", and whether peers are authenticated (and by which
     passwords, while one is being rotated)."""
     if d.cfg.password is None:
@@ -163,14 +163,14 @@ def encryption_text(d: Daemon) -> str:
     return "enabled (peers authenticated)"
 
 
-def known_peers(d: Daemon) -> set[str]:
+def known_peers(d: Node) -> set[str]:
     """Every peer this one knows of (connected, heard of, or owning space), itself included,
     without those removed by rmpeer: the `Peers:` count, consistent with the ring."""
     a = d.allocator
     return (set(a.peers) | set(a.ring.peers()) | {a.name}) - set(a.ring.removed)
 
 
-def status_text(d: Daemon, ipam: bool = False) -> str:
+def status_text(d: Node, ipam: bool = False) -> str:
     """`weave status`: identity, connections and the IPAM block; with `ipam` (what
     `weaveipam status` prints) also the ring strip and the peers' lines, each state line
     once."""
@@ -217,7 +217,7 @@ def status_text(d: Daemon, ipam: bool = False) -> str:
     return "\n".join(out) + "\n"
 
 
-def report(d: Daemon) -> dict[str, Any]:
+def report(d: Node) -> dict[str, Any]:
     """Everything an operator or a test needs to see the ring and this peer's view."""
     a = d.allocator
     bits = a.universe.bits
@@ -260,6 +260,9 @@ def report(d: Daemon) -> dict[str, Any]:
         "peers": _peer_rows(d),
         "events": [{"time": round(t, 3), "level": lvl, "text": text}
                    for t, lvl, text in list(d.events)[-20:]],
+        "direct_peers": d.direct_peers(),
+        "owned": {ident: [f"{fmt(x, bits)}/{a.prefix_of(x)}" for x in addrs]
+                  for ident, addrs in a.allocations().items()},
         "connections": [{"name": c.name, "nickname": c.nickname, "address": c.address,
                          "state": c.state, "outbound": c.outbound,
                          "encrypted": c.encrypted, "info": c.info}
@@ -273,7 +276,7 @@ def report(d: Daemon) -> dict[str, Any]:
     return out
 
 
-def _peer_rows(d: Daemon) -> list[dict[str, Any]]:
+def _peer_rows(d: Node) -> list[dict[str, Any]]:
     """A row per known peer for the status page: its connection, share and use."""
     a = d.allocator
     live = a.reachable()
@@ -305,7 +308,7 @@ def _peer_rows(d: Daemon) -> list[dict[str, Any]]:
     return rows
 
 
-def _ready(d: Daemon) -> tuple[bool, str]:
+def _ready(d: Node) -> tuple[bool, str]:
     if d.stopping:
         return False, "shutting down"
     if d.store_error is not None:
@@ -319,7 +322,7 @@ def _ready(d: Daemon) -> tuple[bool, str]:
     return True, "ready"
 
 
-def add_status_routes(app: web.Application, d: Daemon) -> None:
+def add_status_routes(app: web.Application, d: Node) -> None:
     async def status(req: web.Request) -> web.Response:
         return web.Response(text=status_text(d, ipam=req.query.get("ipam") == "1"))
 
@@ -349,12 +352,3 @@ def add_status_routes(app: web.Application, d: Daemon) -> None:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-
-
-def make_status_app(d: Daemon) -> web.Application:
-    from .web import add_page_route
-
-    app = web.Application(client_max_size=64 * 1024)
-    add_status_routes(app, d)
-    add_page_route(app)  # the live page at `/`, on the status port only
-    return app

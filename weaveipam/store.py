@@ -72,8 +72,11 @@ _SCHEMA: Final = (
     "CREATE TABLE idents (ident TEXT PRIMARY KEY, seq INTEGER NOT NULL)",
     "CREATE TABLE allocations ("
     " ident TEXT NOT NULL, address BLOB NOT NULL, note TEXT NOT NULL,"
-    " seq INTEGER NOT NULL, PRIMARY KEY (ident, address))",
+    " seq INTEGER NOT NULL, prefix INTEGER, PRIMARY KEY (ident, address))",
 )
+# Stores written before the subnet prefix was kept lack the column; it is added on open
+# (NULL: the default subnet's prefix), which older releases still read.
+_ADD_PREFIX: Final = "ALTER TABLE allocations ADD COLUMN prefix INTEGER"
 _TABLES: Final = frozenset({"meta", "idents", "allocations"})
 
 
@@ -229,6 +232,10 @@ def _check_records(records: Iterable[Record]) -> tuple[Record, ...]:
                 raise StoreError(f"cannot store {rec!r}: ident must be a str")
             if isinstance(rec, PutAllocation) and not isinstance(rec.note, str):
                 raise StoreError(f"cannot store {rec!r}: note must be a str")
+            if isinstance(rec, PutAllocation) and rec.prefix is not None and (
+                    isinstance(rec.prefix, bool) or not isinstance(rec.prefix, int)
+                    or not 0 <= rec.prefix <= 128):
+                raise StoreError(f"cannot store {rec!r}: prefix must be None or 0..128")
         elif isinstance(rec, SetRing | SetPaxos):
             if not isinstance(rec.data, bytes | bytearray | memoryview):
                 raise StoreError(f"cannot store {rec!r}: data must be bytes")
@@ -414,6 +421,9 @@ class Store:
             raise StoreError(
                 f"store {path} is missing table(s) {', '.join(sorted(missing))}; "
                 + self._fix(), "corrupt")
+        columns = {str(row[1]) for row in conn.execute("PRAGMA table_info(allocations)")}
+        if "prefix" not in columns:
+            conn.execute(_ADD_PREFIX)
 
     def _max_seq(self) -> int:
         conn = self._require_conn()
@@ -449,7 +459,7 @@ class Store:
                     meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
                     idents = conn.execute("SELECT ident FROM idents ORDER BY seq").fetchall()
                     allocs = conn.execute(
-                        "SELECT ident, address, note FROM allocations ORDER BY seq"
+                        "SELECT ident, address, note, prefix FROM allocations ORDER BY seq"
                     ).fetchall()
                 finally:
                     conn.execute("COMMIT")
@@ -464,7 +474,7 @@ class Store:
         )
         for (ident,) in idents:
             snap.allocations[ident] = {}
-        for ident, address, note in allocs:
+        for ident, address, note, prefix in allocs:
             addrs = snap.allocations.get(ident)
             if addrs is None or not isinstance(address, bytes):
                 raise StoreError(
@@ -474,7 +484,10 @@ class Store:
                 raise StoreError(
                     f"store {self.path} has a {len(address)}-byte address for {ident!r}"
                     f" (expected {_ADDRESS_BYTES}); " + self._fix(), "corrupt")
-            addrs[int.from_bytes(address, "big")] = note
+            a = int.from_bytes(address, "big")
+            addrs[a] = note
+            if isinstance(prefix, int):
+                snap.prefixes[(ident, a)] = prefix
         empty = [ident for ident, addrs in snap.allocations.items() if not addrs]
         if empty:
             raise StoreError(
@@ -502,9 +515,10 @@ class Store:
             )
             # an existing (ident, address) keeps its place and only takes the new note
             conn.execute(
-                "INSERT INTO allocations (ident, address, note, seq) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (ident, address) DO UPDATE SET note = excluded.note",
-                (rec.ident, _encode_address(rec.address), rec.note, self._seq),
+                "INSERT INTO allocations (ident, address, note, seq, prefix)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (ident, address)"
+                " DO UPDATE SET note = excluded.note, prefix = excluded.prefix",
+                (rec.ident, _encode_address(rec.address), rec.note, self._seq, rec.prefix),
             )
         elif isinstance(rec, DelAllocation):
             cur = conn.execute(

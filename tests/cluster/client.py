@@ -20,10 +20,13 @@ class NodeClient:
             connector=aiohttp.UnixConnector(path=str(node.socket), limit=limit),
             headers={"Accept": "text/plain"})
 
-    async def call(self, method: str, path: str, timeout: float = 8.0) -> Answer:
+    async def call(self, method: str, path: str, timeout: float = 8.0,
+                   accept_json: bool = False) -> Answer:
+        """Weave's text answers, or ours (JSON: precise status codes) with accept_json."""
+        headers = {"Accept": "application/json"} if accept_json else None
         try:
             async with self.session.request(
-                    method, "http://localhost" + path,
+                    method, "http://localhost" + path, headers=headers,
                     timeout=aiohttp.ClientTimeout(total=timeout)) as r:
                 return r.status, await r.text()
         except (TimeoutError, aiohttp.ClientError, OSError) as e:
@@ -38,7 +41,7 @@ class NodeClient:
 
     async def owned(self, timeout: float = 10.0) -> dict[str, list[str]] | None:
         """ident -> addresses (without prefix) held by this node, or None if unreachable."""
-        code, body = await self.call("GET", "/ip", timeout)
+        code, body = await self.call("GET", "/ip", timeout, accept_json=True)
         if code != 200:
             return None
         return {o["containerid"]: [a.split("/")[0] for a in o["addrs"]]

@@ -16,12 +16,12 @@ from .config import CniError, env_from_headers
 from .service import CniService
 
 if TYPE_CHECKING:
-    from ..daemon import Daemon
+    from ..node import Node
 
 EXIT_HEADER = "X-CNI-Exit"
 
 
-def add_cni_routes(app: web.Application, d: Daemon) -> None:
+def add_cni_routes(app: web.Application, d: Node) -> None:
     """Register the CNI endpoint on the local API app (unix socket and --http-addr)."""
     svc = CniService(d)
 

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from ..core.addr import CIDR, Range, fmt
 from ..core.allocator import Allocate, Allocator, Claim, Lookup, Prime, Release, Request
-from ..daemon import ApiError
+from ..node import ApiError
 from .config import (
     E_CONFLICT,
     E_INTERNAL,
@@ -146,7 +146,7 @@ class CniService:
             gateway = self._node_gateway_held(conf)
         before = set(a.allocations().get(ident, {}))
         if conf.static:
-            got = await self._claim_all(ident, conf.static, note, what)
+            got = await self._claim_all(ident, conf, note, what)
         else:
             got = [await self._allocate(ident, conf, note, what)]
         if conf.wants_gateway and gateway is None:
@@ -218,20 +218,23 @@ class CniService:
         raise CniError(E_INTERNAL, f"{what}: the allocator keeps handing out the gateway "
                        f"{fmt(addr, self.d.allocator.universe.bits)}")
 
-    async def _claim_all(self, ident: str, want: tuple[int, ...], note: str,
+    async def _claim_all(self, ident: str, conf: NetConf, note: str,
                          what: str) -> list[int]:
-        """Claim every static address or none: a failure releases what this call took."""
+        """Claim every static address or none: a failure releases what this call took.
+        Each keeps the prefix the result gives it."""
+        a = self.d.allocator
         before = set(await self._held(ident, what))
         taken: list[int] = []
         try:
-            for x in want:
-                await self._call(Claim(ident, x, note), what)
+            for x in conf.static:
+                subnet = subnet_of(x, conf.subnet, a.universe, a.default_subnet)
+                await self._call(Claim(ident, x, note, subnet), what)
                 if x not in before:
                     taken.append(x)
         except CniError:
             await self._undo(ident, taken, what)
             raise
-        return list(want)
+        return list(conf.static)
 
     async def _undo(self, ident: str, addrs: list[int], what: str) -> None:
         """Give back what a refused ADD took."""

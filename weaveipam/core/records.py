@@ -34,6 +34,9 @@ class PutAllocation:
     ident: str
     address: int
     note: str = ""  # free text shown by `ls` (e.g. pod namespace/name)
+    # the subnet's prefix length it was handed out in, shown as address/prefix; None
+    # (records written before it was kept) means the default subnet's
+    prefix: int | None = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,8 @@ class Snapshot:
     paxos: bytes | None = None
     # ident -> {address: note}, in insertion order
     allocations: dict[str, dict[int, str]] = field(default_factory=dict)
+    # (ident, address) -> subnet prefix length, for the allocations that recorded one
+    prefixes: dict[tuple[str, int], int] = field(default_factory=dict)
 
     def apply(self, rec: Record) -> None:
         if isinstance(rec, SetIdentity):
@@ -70,11 +75,17 @@ class Snapshot:
             self.paxos = rec.data
         elif isinstance(rec, PutAllocation):
             self.allocations.setdefault(rec.ident, {})[rec.address] = rec.note
+            if rec.prefix is None:
+                self.prefixes.pop((rec.ident, rec.address), None)
+            else:
+                self.prefixes[(rec.ident, rec.address)] = rec.prefix
         elif isinstance(rec, DelAllocation):
             addrs = self.allocations.get(rec.ident)
             if addrs is not None:
                 addrs.pop(rec.address, None)
+                self.prefixes.pop((rec.ident, rec.address), None)
                 if not addrs:
                     del self.allocations[rec.ident]
         elif isinstance(rec, ClearAllocations):
             self.allocations.clear()
+            self.prefixes.clear()

@@ -42,7 +42,7 @@ class KubeMode:
         cfg = self.d.cfg
         if cfg.init_explicit or not first_start:
             return
-        from ..daemon import StartupError
+        from ..node import StartupError
 
         delay = 0.5
         while True:
@@ -82,7 +82,8 @@ class KubeMode:
         if mesh is None:
             return
         port = self.d.cfg.port
-        given = set(self.d.cfg.peers)  # PEERS stay dialled whatever the API says
+        # PEERS (and `weaveipam connect`'s) stay dialled whatever the API says
+        given = set(self.d.direct)
         for a in sorted(addrs - self._dialled):
             log.info("dialling peer %s:%d (a Node)", a, port)
             mesh.add_peer(a, port)
@@ -93,7 +94,7 @@ class KubeMode:
         self._dialled = set(addrs)
 
     async def _rmpeer(self, peer: str) -> tuple[str, str]:
-        from ..daemon import ApiError
+        from ..node import ApiError
 
         try:
             v = await self.d.call(RmPeer(peer))
@@ -142,7 +143,7 @@ class KubeMode:
 
 
 def make(d: Daemon, s: KubeSettings) -> KubeMode:
-    from ..daemon import StartupError
+    from ..node import StartupError
 
     try:
         return KubeMode(d, s)

@@ -8,8 +8,12 @@ never loads anything from elsewhere.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
+
+if TYPE_CHECKING:
+    from ..node import Node
 
 PAGE_FILE = Path(__file__).with_name("status.html")
 HEADERS = {
@@ -20,8 +24,9 @@ HEADERS = {
 }
 
 
-def add_page_route(app: web.Application) -> None:
-    """Serve the page at `/` (read once: the package does not change under a daemon)."""
+def add_page_route(app: web.Application, _: Node) -> None:
+    """Serve the page at `/` (read once: the package does not change under a daemon); it
+    reads the node through `/report`, not directly."""
     body = PAGE_FILE.read_bytes()
 
     async def page(_: web.Request) -> web.Response:

@@ -79,6 +79,7 @@ class AllocatorBase:
             self.paxos = Paxos(name, init.count // 2 + 1)
         self.allocs: dict[str, dict[int, str]] = {}
         self.holder: dict[int, str] = {}
+        self.prefixes: dict[int, int] = {}  # address -> prefix length it was handed out in
         self.peers: dict[str, PeerView] = {}
         self._reach: set[str] = set()
         self.pending: list[_Pending] = []

@@ -215,6 +215,14 @@ class Allocator(RingSync):
     def allocations(self) -> dict[str, dict[int, str]]:
         return self.allocs
 
+    def prefix_of(self, a: int) -> int:
+        """The prefix length `a` was handed out with; for records from before it was
+        kept, the default subnet's (or the range's, outside the default subnet)."""
+        p = self.prefixes.get(a)
+        if p is not None:
+            return p
+        return self.default_subnet.prefix if a in self.default_subnet else self.universe.prefix
+
     def owned_ranges(self) -> list[Range]:
         return self.space.owned()
 

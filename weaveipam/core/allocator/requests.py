@@ -54,7 +54,7 @@ class Requests(AllocatorBase):
         if nxt is not None:
             if not self._witnessed(nxt):
                 return False  # a peer's answer (or a tick) retries it
-            self._hold(req.ident, nxt, req.note)
+            self._hold(req.ident, nxt, req.note, (req.subnet or self.default_subnet).prefix)
             self.cursor = nxt
             self._reply(p.rid, nxt)
             return True
@@ -81,7 +81,8 @@ class Requests(AllocatorBase):
         if self.space.owns(req.addr):
             if not self._witnessed(req.addr):
                 return False
-            self._hold(req.ident, req.addr, req.note)
+            self._hold(req.ident, req.addr, req.note,
+                       None if req.subnet is None else req.subnet.prefix)
             self._reply(p.rid, req.addr)
             return True
         owner = self.ring.owner(req.addr)
@@ -90,11 +91,15 @@ class Requests(AllocatorBase):
                    "claim it on that peer's node, or allocate a new one")
         return True
 
-    def _hold(self, ident: str, a: int, note: str) -> None:
+    def _hold(self, ident: str, a: int, note: str, prefix: int | None) -> None:
+        """Hold `a` for `ident`, with the prefix of the subnet it was asked in (None: the
+        caller gave none, and `prefix_of` answers the default subnet's)."""
         self.space.take(a)
         self.allocs.setdefault(ident, {})[a] = note
         self.holder[a] = ident
-        self._persist(PutAllocation(ident, a, note))
+        if prefix is not None:
+            self.prefixes[a] = prefix
+        self._persist(PutAllocation(ident, a, note, prefix))
 
     def _witnessed(self, a: int) -> bool:
         """Has a peer confirmed that the entry holding `a` is in use?
@@ -136,6 +141,7 @@ class Requests(AllocatorBase):
         for a in gone:
             del addrs[a]
             del self.holder[a]
+            self.prefixes.pop(a, None)
             self.space.free(a)
             self._persist(DelAllocation(req.ident, a))
         if not addrs:

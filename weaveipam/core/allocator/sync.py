@@ -38,6 +38,8 @@ class RingSync(Takeover):
                     self.holder[a] = ident
                     self.space.take(a)
                     self.cursor = a
+                    if (ident, a) in snap.prefixes:
+                        self.prefixes[a] = snap.prefixes[(ident, a)]
             self._owned_changed()
             # Until we hear from a peer, our ring may be stale (ranges taken by rmpeer).
             self.synced = set(self.ring.peers()) <= {self.name}

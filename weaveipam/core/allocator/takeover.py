@@ -115,6 +115,7 @@ class Takeover(Seeding):
         self.pending.clear()
         self.allocs.clear()
         self.holder.clear()
+        self.prefixes.clear()
         self.space = Space()
         self._persist(ClearAllocations())
         self.left = True
