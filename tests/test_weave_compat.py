@@ -249,7 +249,7 @@ def test_connected_peers_survive_a_restart() -> None:
             f"({seed.nickname})\n").encode())
         code, sub = late.api("POST", "/ip/in-sub/10.32.9.0/24")
         assert code == 200 and sub.endswith("/24")
-        r = _cli(late, "alloc", "cli-sub", "10.32.9.7/24")  # our CLI: the address's subnet
+        r = _cli(late, "alloc", "cli-sub", "10.32.9.0/24")  # our CLI (host bits: exit 2)
         assert r.returncode == 0 and r.stdout.startswith("10.32.9."), r.stderr
         _restart(c, late)
         assert late.report()["direct_peers"] == [seed.peer_addr]

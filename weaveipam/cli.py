@@ -3,24 +3,36 @@
 Client commands use only the standard library (http.client over AF_UNIX) so they start
 fast and work where aiohttp is not importable.  Exit codes: 0 success, 1 the daemon
 refused (its reason is printed), 2 bad usage (nothing was sent), 3 no daemon reachable.
+Every value is checked before anything is sent or started, so a typo costs nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import http.client
+import ipaddress
 import json
+import math
 import os
+import re
 import socket
 import sys
 import time
 import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+from . import __version__
+
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_CODES = "0 done, 1 refused by the daemon (the reason is printed), 2 bad usage (nothing " \
+    "was sent), 3 no daemon answered"
 DEFAULT_RANGE = "10.32.0.0/12"
 DEFAULT_DATA_DIR = ".weaveipam"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+# Weave's peer names are 48-bit MAC addresses; so are ours (derived ones look the same)
+MAC_NAME_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -31,6 +43,155 @@ def _env(name: str, default: str | None = None) -> str | None:
 def _die(msg: str, code: int = EXIT_REFUSED) -> NoReturn:
     print(f"weaveipam: {msg}", file=sys.stderr)
     raise SystemExit(code)
+
+
+# ---- values: one checker per kind, for the daemon's flags and the client's arguments -------
+# Each returns the parsed value or raises ValueError with what is wrong and what to give;
+# the caller names the flag and quotes the value once.
+
+CIDR_EXAMPLE = "give a CIDR like 10.32.0.0/12 or fd00:32::/108"
+
+
+def check_cidr(text: str, *, min_size: int = 1) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    ip, slash, prefix = text.strip().partition("/")
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        what = "not an IP address" if not slash else f"{ip} is not an IP address"
+        raise ValueError(f"{what}; {CIDR_EXAMPLE}") from None
+    if not slash:
+        raise ValueError(f"no prefix length; {CIDR_EXAMPLE}")
+    if not prefix.isdigit():
+        raise ValueError(f"prefix length {prefix!r} is not a number")
+    bits = addr.max_prefixlen
+    if int(prefix) > bits:
+        raise ValueError(f"/{int(prefix)} is longer than IPv{addr.version} allows "
+                         f"(/{bits} at most)")
+    try:
+        net = ipaddress.ip_network(f"{ip}/{int(prefix)}", strict=True)
+    except ValueError:
+        net = ipaddress.ip_network(f"{ip}/{int(prefix)}", strict=False)
+        raise ValueError(f"host bits are set: did you mean {net}?") from None
+    if net.num_addresses < min_size:
+        longest = bits - (min_size - 1).bit_length()
+        raise ValueError(f"a /{net.prefixlen} holds only {net.num_addresses} "
+                         f"address{'es' if net.num_addresses > 1 else ''}; give at least "
+                         f"a /{longest}")
+    return net
+
+
+def check_port(text: str) -> int:
+    """0 is allowed: the kernel picks one (for a peer that only dials out)."""
+    if not text.strip().isdigit() or not 0 <= int(text) <= 65535:
+        raise ValueError("not a port: give a number from 1 to 65535 (0: any free one)")
+    return int(text)
+
+
+def check_host(text: str) -> str:
+    t = text.strip()
+    try:
+        ipaddress.ip_address(t)
+    except ValueError:
+        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})", t):
+            raise ValueError("not an IP address or host name, e.g. 127.0.0.1 or "
+                             "0.0.0.0") from None
+    return t
+
+
+def check_count(text: str) -> int:
+    if not text.strip().isdigit():
+        raise ValueError("not a whole number >= 0")
+    return int(text)
+
+
+def check_seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError("give a number of seconds greater than 0, e.g. 30")
+    return v
+
+
+def check_level(text: str) -> str:
+    if text.strip().lower() not in LOG_LEVELS:
+        raise ValueError(f"use one of {', '.join(LOG_LEVELS)}")
+    return text.strip().lower()
+
+
+def check_mac_name(text: str) -> str:
+    if not MAC_NAME_RE.match(text.strip()):
+        raise ValueError("a peer name is 48-bit and MAC-like, as in Weave: six hex pairs "
+                         "separated by colons, e.g. 02:00:00:00:00:01")
+    return text.strip().lower()
+
+
+def check_nickname(text: str) -> str:
+    from .names import check_name
+
+    why = check_name(text)
+    if why:
+        raise ValueError(why.replace("peer name", "a nickname"))
+    return text
+
+
+def check_data_dir(text: str) -> Path:
+    p = Path(text)
+    if p.exists() and not p.is_dir():
+        raise ValueError("exists and is not a directory; give a directory (it is created "
+                         "if missing)")
+    return p
+
+
+def check_socket(text: str) -> str:
+    n = len(os.fsencode(text))  # empty: the default
+    if n > 107:  # sun_path holds 108 bytes with the terminating NUL
+        raise ValueError(f"a unix socket path must be at most 107 bytes, this one is {n}: "
+                         "choose a shorter one")
+    return text
+
+
+def _hostport(text: str, default_port: int) -> tuple[str, int]:
+    """The daemon's parser, with its messages not quoting the value again."""
+    from .daemon import parse_hostport
+
+    try:
+        return parse_hostport(text, default_port)
+    except ValueError as e:
+        raise ValueError(str(e).removeprefix(f"{text!r}: ")) from None
+
+
+def check_hostport(default_port: int) -> Any:
+    def check(text: str) -> tuple[str, int] | None:
+        if not text.strip():
+            return None  # empty: the server is disabled
+        host, port = _hostport(text, default_port)
+        check_host(host)
+        return host, port
+    return check
+
+
+def check_peer(text: str) -> tuple[str, int]:
+    host, port = _hostport(text, 6783)
+    check_host(host)
+    check_port(str(port))
+    return host, port
+
+
+def _arg(check: Any, env: str | None = None, keep_text: bool = False) -> Any:
+    """An argparse type from a checker: its ValueError message becomes the usage error
+    (saying so when the value came from the environment variable `env`).  With
+    `keep_text` the value stays the text given, checked (as the daemon's args always were)."""
+    def conv(text: str) -> Any:
+        try:
+            value = check(text)
+            return text if keep_text else value
+        except ValueError as e:
+            where = f" (from {env})" if env and os.environ.get(env) == text else ""
+            raise argparse.ArgumentTypeError(f"{text!r}{where}: {e}") from None
+    conv.__name__ = getattr(check, "__name__", "value")
+    return conv
 
 
 # ---- client ------------------------------------------------------------------------------
@@ -128,27 +289,44 @@ def _ident(s: str) -> str:
 
 
 def _ip_prefix(text: str) -> tuple[str, str | None]:
-    import ipaddress
-
     ip, _, prefix = text.partition("/")
     try:
-        ipaddress.ip_address(ip)
+        addr = ipaddress.ip_address(ip)
     except ValueError:
         _die(f"{text!r} is not an IP address", EXIT_USAGE)
-    if prefix and not prefix.isdigit():
-        _die(f"{text!r}: bad prefix length", EXIT_USAGE)
+    if prefix and (not prefix.isdigit() or int(prefix) > addr.max_prefixlen):
+        _die(f"{text!r}: bad prefix length (IPv{addr.version} allows /0 to "
+             f"/{addr.max_prefixlen})", EXIT_USAGE)
     return ip, prefix or None
 
 
 def _client(args: argparse.Namespace) -> Client:
     sock = args.socket or _env("WEAVEIPAM_SOCKET")
     http = args.http or _env("WEAVEIPAM_HTTP")
+    if http:  # checked here: a bad address is bad usage, not an unreachable daemon
+        text = http.removeprefix("http://").rstrip("/")
+        try:
+            host, port = _hostport(text, 6784)
+            check_host(host)
+        except ValueError as e:
+            src = "--http" if args.http else "WEAVEIPAM_HTTP"
+            _die(f"{src} {http!r}: {e}", EXIT_USAGE)
+        http = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if not sock and not http:
-        from .daemon import default_socket  # cheap: no aiohttp at import time
+        from .daemon import SOCKET_RECORD, default_socket  # cheap: no aiohttp imported
 
-        data_dir = Path(args.data_dir or _env("WEAVEIPAM_DATA_DIR", DEFAULT_DATA_DIR) or ".")
+        given = args.data_dir or _env("WEAVEIPAM_DATA_DIR")
+        data_dir = Path(given or DEFAULT_DATA_DIR)
         sock = str(default_socket(data_dir))
+        if given:  # the socket of the daemon that runs on that data dir, wherever it is
+            try:
+                sock = (data_dir / SOCKET_RECORD).read_text().strip() or sock
+            except OSError:
+                pass
     return Client(sock, http)
+
+
+CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -157,10 +335,52 @@ def cmd_status(args: argparse.Namespace) -> int:
         _, body = c.call("GET", "/report")
         print(json.dumps(json.loads(body), indent=2))
         return EXIT_OK
-    _, a = c.call("GET", "/status")
-    _, b = c.call("GET", "/status/ipam")
-    sys.stdout.write(a.decode() + "\n" + b.decode())
-    return EXIT_OK
+    if not args.watch:
+        _, once = c.call("GET", "/status?ipam=1")
+        sys.stdout.write(once.decode())
+        return EXIT_OK
+    try:
+        while True:  # like `watch weaveipam status`, and it keeps trying while down
+            try:
+                status, body = c.request("GET", "/status?ipam=1")
+                text = body.decode(errors="replace")
+                if status >= 400:
+                    text = f"the daemon answered HTTP {status}: {text}"
+            except OSError as e:
+                text = f"cannot reach the weaveipam daemon at {c.where()}: {e}; retrying\n"
+            stamp = time.strftime("%H:%M:%S")
+            sys.stdout.write(f"{CLEAR}Every {args.interval:g}s: weaveipam status{stamp:>38}"
+                             f"\n\n{text}")
+            sys.stdout.flush()
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        return EXIT_OK
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    """Until the daemon answers and can allocate: scripts start daemons, then `wait`."""
+    c = _client(args)
+    deadline = time.monotonic() + args.timeout
+    why: str | None = None
+    while True:
+        try:
+            status, body = c.request("GET", "/readyz")
+        except OSError:
+            status, body = 0, b""
+        if status == 200:
+            return EXIT_OK
+        if status:
+            why = body.decode(errors="replace").strip() or f"HTTP {status}"
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    if why is None:
+        _die(f"no weaveipam daemon answered at {c.where()} within {args.timeout:g}s; is it "
+             "running? (point at it with --socket, WEAVEIPAM_SOCKET or --http)",
+             EXIT_UNREACHABLE)
+    _die(f"the daemon at {c.where()} is not ready after {args.timeout:g}s: {why}",
+         EXIT_REFUSED)
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -179,17 +399,11 @@ def cmd_alloc(args: argparse.Namespace) -> int:
     ident = _ident(args.id)
     path = f"/ip/{_q(ident)}"
     if args.cidr:
-        ip, prefix = _ip_prefix(args.cidr)
-        if prefix is None:
-            _die(f"{args.cidr!r}: give a subnet with its prefix length, e.g. 10.32.1.0/24",
-                 EXIT_USAGE)
-        import ipaddress
-
-        try:  # the subnet an address is in, as before (the API, as Weave's, wants it exact)
-            ip = str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False).network_address)
+        try:
+            net = check_cidr(args.cidr)
         except ValueError as e:
-            _die(f"{args.cidr!r}: {e}", EXIT_USAGE)
-        path += f"/{_q(ip)}/{prefix}"
+            _die(f"subnet {args.cidr!r}: {e}", EXIT_USAGE)
+        path += f"/{_q(str(net.network_address))}/{net.prefixlen}"
     _, body = _client(args).call("POST", path, accept_json=True)
     print(json.loads(body)["address"])
     return EXIT_OK
@@ -235,30 +449,49 @@ def cmd_rmpeer(args: argparse.Namespace) -> int:
     name = args.name
     if not name or "/" in name:
         _die(f"bad peer name {name!r}", EXIT_USAGE)
-    _, body = _client(args).call("DELETE", f"/peer/{_q(name)}", accept_json=True)
+    c = _client(args)
+    _, body = c.call("DELETE", f"/peer/{_q(name)}", accept_json=True)
     res = json.loads(body)
+    heir = str(res.get("heir", ""))
+    _, rep = c.call("GET", "/report")  # the heir's nickname: the API keeps Weave's words
+    nick = next((str(p.get("nickname") or "") for p in json.loads(rep).get("peers", [])
+                 if p.get("name") == heir), "")
+    heir = f"{heir}({nick})" if nick else heir
     if res.get("already"):
-        print(f"0 IPs taken over from {name}: already removed, its ranges went to "
-              f"{res.get('heir')}")
+        print(f"0 IPs taken over from {res.get('peer', name)}: already removed, its ranges "
+              f"went to {heir}")
     else:
-        print(f"{res.get('moved', 0)} IPs taken over from {name}")
+        print(f"{res.get('moved', 0)} IPs taken over from {res.get('peer', name)} by {heir}")
     return EXIT_OK
 
 
+PRIME_TEXT = {
+    "ready": "the ring is established: this peer can allocate",
+    "waiting-for-space": "the ring is established; this peer is waiting for free space",
+    "rejoining": "this peer has a ring and waits to hear a peer's copy before allocating",
+}
+
+
 def cmd_prime(args: argparse.Namespace) -> int:
-    _, body = _client(args).call("GET", "/ring", accept_json=True)
-    print(json.loads(body).get("state", ""))
+    """`GET /ring` answers once the ring exists (or, after --op-timeout, refuses with why):
+    say what that means here rather than print the state's token."""
+    c = _client(args)
+    _, body = c.call("GET", "/ring", accept_json=True)
+    state = str(json.loads(body).get("state", ""))
+    text = PRIME_TEXT.get(state)
+    if text is None:  # a state that needs the operator: the daemon's own advice says what
+        _, rep = c.call("GET", "/report")
+        text = str(json.loads(rep).get("advice") or state)
+    print(text)
     return EXIT_OK
 
 
 def _peer_form(peers: list[str]) -> list[tuple[str, str]]:
-    from .daemon import parse_hostport
-
     for p in peers:
         try:
-            parse_hostport(p, 6783)
+            check_peer(p)
         except ValueError as e:
-            _die(f"{e} (give HOST or HOST:PORT)", EXIT_USAGE)
+            _die(f"{p!r}: {e} (give HOST or HOST:PORT)", EXIT_USAGE)
     return [("peer", p) for p in peers]
 
 
@@ -370,30 +603,24 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from .core.addr import CIDR, AddrError
+    from .core.addr import CIDR
     from .core.allocator import InitMode
-    from .daemon import Config, StartupError, parse_hostport
-    from .names import check_name
+    from .daemon import Config, StartupError
+    from .names import default_nickname
 
-    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
-                        stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    nickname = args.nickname or default_nickname()
     password, second_password = _read_password(args)
-    _check_peer_auth(args, password)  # a refusal here costs no aiohttp import
-    _import_aiohttp()
-    from .server import make_daemon
-
-    try:
-        universe = CIDR.parse(args.ipalloc_range)
-        default_subnet = (CIDR.parse(args.ipalloc_default_subnet)
-                          if args.ipalloc_default_subnet else None)
-    except AddrError as e:
-        _die(f"{e} (host bits must be zero)", EXIT_USAGE)
     init_explicit = args.ipalloc_init is not None
     try:
         init = InitMode.parse(args.ipalloc_init or "consensus=1")
     except ValueError as e:
         _die(str(e), EXIT_USAGE)
+    universe = CIDR.parse(str(args.ipalloc_range))
+    default_subnet = (CIDR.parse(str(args.ipalloc_default_subnet))
+                      if args.ipalloc_default_subnet else None)
+    if default_subnet is not None and not universe.contains_cidr(default_subnet):
+        _die(f"--ipalloc-default-subnet {default_subnet} is not inside --ipalloc-range "
+             f"{universe}", EXIT_USAGE)
     from .kube.config import KubeError, settings
 
     try:
@@ -401,28 +628,34 @@ def cmd_daemon(args: argparse.Namespace) -> int:
                         node_name=args.node_name, address_type=args.kube_address_type)
     except KubeError as e:
         _die(str(e), EXIT_USAGE)
-    peer_texts = list(args.peers) + list(args.peer or [])
+    pod_routes = args.pod_routes or _flag_env("WEAVEIPAM_POD_ROUTES")
+    peers = [check_peer(p) for p in list(args.peers) + list(args.peer or [])]
     env_peers = _env("PEERS")
     if env_peers:
-        peer_texts += env_peers.replace(",", " ").split()
-    try:
-        peers = [parse_hostport(p, 6783) for p in peer_texts]
-        http_addr = parse_hostport(args.http_addr, 6784) if args.http_addr else None
-        status_addr = parse_hostport(args.status_addr, 6782) if args.status_addr else None
-    except ValueError as e:
-        _die(str(e), EXIT_USAGE)
-    if args.name and check_name(args.name):
-        _die(f"--name {args.name!r}: {check_name(args.name)}", EXIT_USAGE)
-    data_dir = Path(args.data_dir or args.db_prefix or _env("WEAVEIPAM_DATA_DIR")
-                    or DEFAULT_DATA_DIR).absolute()
+        for p in env_peers.replace(",", " ").split():
+            try:
+                peers.append(check_peer(p))
+            except ValueError as e:
+                _die(f"PEERS: {p!r}: {e}", EXIT_USAGE)
+    http_addr = check_hostport(6784)(args.http_addr or "")
+    status_addr = check_hostport(6782)(args.status_addr or "")
+    # the nickname on every line: several daemons can share one terminal (the README's
+    # 3-node example) and still be told apart
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
+                        format=f"%(asctime)s {nickname.replace('%', '%%')} %(levelname)s "
+                        "%(name)s: %(message)s")
+    _check_peer_auth(args, password)  # a refusal here costs no aiohttp import
+    _import_aiohttp()
+    from .server import make_daemon
+
+    data_dir = Path(args.data_dir).absolute()
     cfg = Config(universe=universe, init=init, data_dir=data_dir, default_subnet=default_subnet,
                  peers=peers, host=args.host, port=args.port, conn_limit=args.conn_limit,
-                 name=args.name or None, socket=Path(args.socket) if args.socket else None,
+                 name=args.name or None, nickname=nickname,
+                 socket=Path(args.socket) if args.socket else None,
                  http_addr=http_addr, status_addr=status_addr, op_timeout=args.op_timeout,
                  password=password, second_password=second_password,
-                 pod_routes=args.pod_routes, kube=kube, init_explicit=init_explicit)
-    if args.nickname:
-        cfg.nickname = args.nickname
+                 pod_routes=pod_routes, kube=kube, init_explicit=init_explicit)
     daemon = make_daemon(cfg)
     factory: Any = None
     try:
@@ -534,95 +767,204 @@ def _check_peer_auth(args: argparse.Namespace, password: bytes | None) -> None:
         "address; give every daemon the same --password-file", args.port)
 
 
+def check_range(text: str) -> Any:
+    return check_cidr(text, min_size=4)  # a /30: two usable addresses
+
+
+def check_file(text: str) -> str:
+    p = Path(text)
+    if not p.is_file():
+        raise ValueError("no such file" if not p.exists() else "not a file")
+    if not os.access(p, os.R_OK):
+        raise ValueError(f"this user (uid {os.geteuid()}) cannot read it")
+    return text
+
+
+# a Kubernetes object name (RFC 1123 subdomain), as `kubectl get nodes` shows it
+NODE_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
+KUBE_ADDRESS_TYPES = ("InternalIP", "ExternalIP", "Hostname", "InternalDNS", "ExternalDNS")
+
+
+def check_node_name(text: str) -> str:
+    if not NODE_NAME_RE.fullmatch(text):
+        raise ValueError("not a Kubernetes Node name (lower-case letters, digits, '-' and "
+                         "'.'): give the name `kubectl get nodes` shows")
+    return text
+
+
+def check_address_type(text: str) -> str:
+    if text not in KUBE_ADDRESS_TYPES:
+        raise ValueError(f"use one of {', '.join(KUBE_ADDRESS_TYPES)}")
+    return text
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One daemon flag: the README's table is checked against this list (tests/test_cli)."""
+    names: tuple[str, ...]
+    env: str | None
+    default: str | None  # as it would be typed; shown in --help
+    help: str
+    check: Any = None
+    metavar: str | None = None
+    action: str | None = None  # "append", or "store_true" (whose env cmd_daemon reads)
+    # checked, but kept as the text given: cmd_daemon and callers parse these themselves
+    keep_text: bool = True
+    # the value stays None when not given: cmd_daemon decides (--ipalloc-init in Kubernetes)
+    decided_at_start: bool = False
+    group: str | None = None
+
+
+KUBE_GROUP = "Kubernetes mode (on in a Pod, or with --kubeconfig)"
+
+DAEMON_FLAGS = [
+    Flag(("--ipalloc-range",), "IPALLOC_RANGE", DEFAULT_RANGE,
+         "the whole cluster's range; IPv6 works (fd00:32::/108)", check_range, "CIDR"),
+    Flag(("--ipalloc-default-subnet",), "IPALLOC_DEFAULT_SUBNET", None,
+         "where a plain allocation lands (default: the whole range)", check_range, "CIDR"),
+    Flag(("--ipalloc-init",), "IPALLOC_INIT", "consensus=1",
+         "consensus=N, seed=NAME,... or observer; in Kubernetes mode a first start without "
+         "it uses consensus=the number of Nodes", None, "MODE", decided_at_start=True),
+    Flag(("--peer",), "PEERS", None, "HOST[:PORT] of another daemon (port 6783 by default); "
+         "repeatable, as are the PEER arguments; PEERS is a space- or comma-separated list",
+         check_peer, "HOST[:PORT]", "append"),
+    Flag(("--port",), "WEAVEIPAM_PORT", "6783", "peer listen port", check_port, "PORT",
+         keep_text=False),
+    Flag(("--host",), "WEAVEIPAM_HOST", "0.0.0.0",
+         "peer listen address; 127.0.0.1 keeps a try-out on one machine to itself",
+         check_host, "ADDR"),
+    Flag(("--conn-limit",), "CONN_LIMIT", "100",
+         "peers learned through gossip are dialled up to this many connections",
+         check_count, "N", keep_text=False),
+    Flag(("--name",), "WEAVEIPAM_NAME", None,
+         "peer name, 48-bit and MAC-like as in Weave, e.g. 02:00:00:00:00:01 (default: "
+         "derived from the machine id and the data dir, and kept there)",
+         check_mac_name, "NAME", keep_text=False),
+    Flag(("--nickname",), "WEAVEIPAM_NICKNAME", None,
+         "shown beside the name and at the start of every log line (default: the host name)",
+         check_nickname, "NICK"),
+    Flag(("--data-dir", "--db-prefix"), "WEAVEIPAM_DATA_DIR", DEFAULT_DATA_DIR,
+         "durable state (--db-prefix is Weave's name for it)", check_data_dir, "DIR"),
+    Flag(("--socket",), "WEAVEIPAM_SOCKET", None,
+         "local API unix socket, mode 0600 (default: /run/weave-ipam/ipam.sock as root, "
+         "else DIR/ipam.sock)", check_socket, "PATH"),
+    Flag(("--http-addr",), "WEAVEIPAM_HTTP_ADDR", "127.0.0.1:6784",
+         "local API over TCP, Weave's port; empty disables; warns if not loopback",
+         check_hostport(6784), "HOST:PORT"),
+    Flag(("--status-addr",), "WEAVEIPAM_STATUS_ADDR", "127.0.0.1:6782",
+         "status page (GET /), /status, /report, /metrics, /healthz, /readyz; empty disables",
+         check_hostport(6782), "HOST:PORT"),
+    Flag(("--password",), "WEAVE_PASSWORD", None,
+         "shared secret: peers authenticate each other and encrypt all peer traffic; every "
+         "daemon needs the same one (prefer --password-file: command lines are visible to "
+         "other users)", None, "SECRET"),
+    Flag(("--password-file",), None, None,
+         "read the password from this file's first line (a trailing newline is ignored); an "
+         "optional second line is another password accepted from peers while rotating "
+         "(never used to dial)", None, "FILE"),
+    Flag(("--insecure-peers",), "WEAVEIPAM_INSECURE_PEERS", None,
+         "allow running without a password in Kubernetes: anyone who reaches the peer port "
+         "can then join the mesh", action="store_true"),
+    Flag(("--op-timeout",), "WEAVEIPAM_OP_TIMEOUT", "30",
+         "seconds an allocation may wait for consensus or space", check_seconds, "SECONDS",
+         keep_text=False),
+    Flag(("--pod-routes",), "WEAVEIPAM_POD_ROUTES", None,
+         "route every range another peer owns via that peer's node address (for the routed "
+         "`ptp` conflist; needs CAP_NET_ADMIN)", action="store_true"),
+    Flag(("--log-level",), "WEAVEIPAM_LOG_LEVEL", "info", "debug, info, warning or error",
+         check_level, "LEVEL", keep_text=False),
+    Flag(("--kubeconfig",), None, None,
+         "talk to the API server with this kubeconfig instead of the Pod's ServiceAccount",
+         check_file, "FILE", group=KUBE_GROUP),
+    Flag(("--no-kube",), None, None, "no Kubernetes mode even in a Pod",
+         action="store_true", group=KUBE_GROUP),
+    Flag(("--node-name",), "NODE_NAME", None,
+         "this node's Node name (set NODE_NAME from the downward API, spec.nodeName)",
+         check_node_name, "NODE", group=KUBE_GROUP),
+    Flag(("--kube-address-type",), None, None,
+         "the Node address peers are dialled at (default: InternalIP, else ExternalIP): "
+         + ", ".join(KUBE_ADDRESS_TYPES), check_address_type, "TYPE", group=KUBE_GROUP),
+]
+
+
 def _daemon_parser(sub: Any) -> None:
-    p = sub.add_parser("daemon", help="run the IPAM daemon",
-                       description="Run the IPAM daemon. PEER is HOST[:PORT] of another "
-                       "daemon; peers are also read from --peer and PEERS.")
-    p.add_argument("peers", nargs="*", metavar="PEER")
-    p.add_argument("--peer", action="append", metavar="HOST[:PORT]")
-    p.add_argument("--ipalloc-range", default=_env("IPALLOC_RANGE", DEFAULT_RANGE),
-                   help="the whole cluster's range (IPALLOC_RANGE; default %(default)s)")
-    p.add_argument("--ipalloc-default-subnet", default=_env("IPALLOC_DEFAULT_SUBNET"),
-                   help="where a plain allocation lands (default: the whole range)")
-    p.add_argument("--ipalloc-init", default=_env("IPALLOC_INIT"),
-                   help="consensus=N | seed=NAME,... | observer (IPALLOC_INIT; default "
-                   "consensus=1, or in Kubernetes mode at a first start consensus=the "
-                   "number of Nodes)")
-    p.add_argument("--port", type=int, default=int(_env("WEAVEIPAM_PORT", "6783") or 6783),
-                   help="peer port (default %(default)s)")
-    p.add_argument("--host", default=_env("WEAVEIPAM_HOST", "0.0.0.0"),
-                   help="peer listen address (default %(default)s)")
-    p.add_argument("--conn-limit", type=int, default=int(_env("CONN_LIMIT", "100") or 100))
-    p.add_argument("--name", default=_env("WEAVEIPAM_NAME"),
-                   help="peer name (default: derived once and kept in the data dir)")
-    p.add_argument("--nickname", default=_env("WEAVEIPAM_NICKNAME"),
-                   help="shown beside the name (default: host name)")
-    p.add_argument("--data-dir", default=None,
-                   help="state directory (WEAVEIPAM_DATA_DIR; default ./.weaveipam)")
-    p.add_argument("--db-prefix", default=None, help="alias of --data-dir (Weave's flag)")
-    p.add_argument("--socket", default=_env("WEAVEIPAM_SOCKET"),
-                   help="API unix socket (default /run/weave-ipam/ipam.sock as root, "
-                   "else DATA_DIR/ipam.sock)")
-    p.add_argument("--http-addr", default=_env("WEAVEIPAM_HTTP_ADDR", "127.0.0.1:6784"),
-                   help="API over TCP, Weave's port; empty disables (default %(default)s)")
-    p.add_argument("--status-addr", default=_env("WEAVEIPAM_STATUS_ADDR", "127.0.0.1:6782"),
-                   help="status and metrics; empty disables (default %(default)s)")
-    p.add_argument("--password", default=_env("WEAVE_PASSWORD"),
-                   help="shared secret: peers authenticate each other and encrypt all peer "
-                   "traffic; every daemon needs the same one (WEAVE_PASSWORD; prefer "
-                   "--password-file, command lines are visible to other users)")
-    p.add_argument("--password-file", default=None,
-                   help="read the password from this file's first line; an optional "
-                   "second line is another password accepted from peers while rotating "
-                   "(never used to dial)")
-    p.add_argument("--insecure-peers", action="store_true",
-                   help="allow running without a password in Kubernetes: anyone who "
-                   "reaches the peer port can then join the mesh (WEAVEIPAM_INSECURE_PEERS=1)")
-    p.add_argument("--op-timeout", type=float, default=30.0,
-                   help="seconds an allocation may wait for consensus or space")
-    p.add_argument("--pod-routes", action="store_true",
-                   default=_env("WEAVEIPAM_POD_ROUTES", "") in ("1", "true", "yes"),
-                   help="route every range another peer owns via that peer's node address "
-                   "(for the routed `ptp` conflist; needs CAP_NET_ADMIN; "
-                   "WEAVEIPAM_POD_ROUTES=true)")
-    p.add_argument("--log-level", default=_env("WEAVEIPAM_LOG_LEVEL", "info"))
-    k = p.add_argument_group("Kubernetes mode (on in a Pod, or with --kubeconfig)")
-    k.add_argument("--kubeconfig", default=None,
-                   help="talk to the API server with this kubeconfig instead of the Pod's "
-                   "ServiceAccount")
-    k.add_argument("--no-kube", action="store_true",
-                   help="no Kubernetes mode even in a Pod")
-    k.add_argument("--node-name", default=None,
-                   help="this node's Node name (NODE_NAME, from the downward API)")
-    k.add_argument("--kube-address-type", default=None,
-                   choices=["InternalIP", "ExternalIP", "Hostname", "InternalDNS",
-                            "ExternalDNS"],
-                   help="the Node address peers are dialled at (default: InternalIP, "
-                   "else ExternalIP)")
+    p = sub.add_parser(
+        "daemon", help="run the IPAM daemon",
+        description="Run the IPAM daemon. Every flag can also come from its environment "
+        "variable (env); a flag given on the command line wins.",
+        epilog=f"Exit codes: {EXIT_CODES}.")
+    p.add_argument("peers", nargs="*", metavar="PEER", type=_arg(check_peer, keep_text=True),
+                   help="HOST[:PORT] of another daemon (port 6783 by default); every node may "
+                   "get the same list: its own address in it is recognised and skipped")
+    groups: dict[str | None, Any] = {None: p}
+    for f in DAEMON_FLAGS:
+        if f.group not in groups:
+            groups[f.group] = p.add_argument_group(f.group)
+        env = ""
+        if f.env:
+            env = f" (env {f.env}=1)" if f.action == "store_true" else f" (env {f.env})"
+        default = f"; default {f.default}" if f.default is not None else ""
+        kw: dict[str, Any] = {"help": f"{f.help}{env}{default}".replace("%", "%%"),
+                              "dest": f.names[0].lstrip("-").replace("-", "_")}
+        if f.action != "store_true":
+            kw["metavar"] = f.metavar
+        if f.check is not None:
+            kw["type"] = _arg(f.check, f.env, f.keep_text)
+        if f.action:
+            kw["action"] = f.action  # their variables are read by cmd_daemon
+        elif f.decided_at_start:
+            kw["default"] = _env(f.env) if f.env else None
+        else:
+            kw["default"] = _env(f.env, f.default) if f.env else f.default
+        groups[f.group].add_argument(*f.names, **kw)
     p.set_defaults(func=cmd_daemon)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as `weaveipam: ...`, exit 2, like every other bad-usage case."""
+
+    def error(self, message: str) -> NoReturn:
+        _die(f"{message} (see `{self.prog} --help`)", EXIT_USAGE)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = _Parser(
         prog="weaveipam", description="Weave-Net-style distributed IPAM: the daemon, and "
         "client commands that talk to it over its unix socket (or --http).",
-        epilog="Exit codes: 0 ok, 1 refused by the daemon, 2 bad usage, 3 no daemon.")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--socket", help="daemon socket (WEAVEIPAM_SOCKET)")
-    common.add_argument("--http", help="daemon HTTP address instead of the socket, "
-                        "e.g. 127.0.0.1:6784 (WEAVEIPAM_HTTP)")
-    common.add_argument("--data-dir", help="data dir (for the default socket, and reset)")
-    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+        epilog=f"Exit codes: {EXIT_CODES}. `weaveipam COMMAND --help` for each command.")
+    ap.add_argument("--version", action="version", version=f"weaveipam {__version__}")
+    common = _Parser(add_help=False)
+    common.add_argument("--socket", type=_arg(check_socket),
+                        help="the daemon's unix socket (env WEAVEIPAM_SOCKET; "
+                        "default: /run/weave-ipam/ipam.sock as root, else ./.weaveipam/"
+                        "ipam.sock)")
+    common.add_argument("--http", metavar="HOST:PORT", help="the daemon's API over TCP "
+                        "instead of the socket, e.g. 127.0.0.1:6784 (env WEAVEIPAM_HTTP)")
+    common.add_argument("--data-dir", metavar="DIR", help="find the daemon that runs on this "
+                        "data dir; for reset, the state to discard (env WEAVEIPAM_DATA_DIR)")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND",
+                            parser_class=_Parser)
     _daemon_parser(sub)
     p = sub.add_parser("status", parents=[common], help="IPAM status, as `weave status ipam`")
     p.add_argument("--json", action="store_true", help="the full JSON report")
+    p.add_argument("--watch", action="store_true", help="redraw every --interval seconds "
+                   "until Ctrl-C")
+    p.add_argument("--interval", type=_arg(check_seconds), default=1.0, metavar="SECONDS",
+                   help="for --watch (default 1)")
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser("wait", parents=[common], help="wait until the daemon answers and "
+                       "can allocate (exit 0), or --timeout passes (exit 1 not ready, "
+                       "3 no daemon)")
+    p.add_argument("--timeout", type=_arg(check_seconds), default=30.0, metavar="SECONDS",
+                   help="give up after this long (default 30)")
+    p.set_defaults(func=cmd_wait)
     p = sub.add_parser("ls", parents=[common], help="addresses allocated on this peer")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ls)
     p = sub.add_parser("alloc", parents=[common], help="allocate an address for ID")
     p.add_argument("id", metavar="ID")
-    p.add_argument("cidr", nargs="?", metavar="CIDR", help="subnet to allocate in")
+    p.add_argument("cidr", nargs="?", metavar="CIDR", help="subnet to allocate in "
+                   "(default: the daemon's default subnet)")
     p.set_defaults(func=cmd_alloc)
     p = sub.add_parser("claim", parents=[common], help="claim ADDR for ID")
     p.add_argument("id", metavar="ID")
@@ -644,7 +986,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="stop dialling peers, also after restarts (weave forget)")
     p.add_argument("peers", nargs="+", metavar="HOST[:PORT]")
     p.set_defaults(func=cmd_forget)
-    p = sub.add_parser("prime", parents=[common], help="start consensus now")
+    p = sub.add_parser("prime", parents=[common], help="start consensus now and wait for the ring "
+                       "(weave prime)")
     p.set_defaults(func=cmd_prime)
     p = sub.add_parser("reset", parents=[common],
                        help="hand this peer's ranges away and discard its state")
@@ -655,7 +998,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):
+        parser.print_help(sys.stderr)  # `weaveipam` alone: what it can do
+        return EXIT_USAGE
+    args = parser.parse_args(argv)
     try:
         rc: int = args.func(args)
     except KeyboardInterrupt:

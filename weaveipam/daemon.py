@@ -49,6 +49,7 @@ log = logging.getLogger("weaveipam.daemon")
 
 STORE_FILE = "ipam.db"
 LOCK_FILE = "lock"
+SOCKET_RECORD = "api-socket"  # the socket's path, for clients given only --data-dir
 TICK = 0.1
 DEFAULT_PORT = 6783
 MESH_STOP_TIMEOUT = 3.0
@@ -185,6 +186,9 @@ class Daemon:
         self.metrics: Any = None
         self.kube: Any = None  # weaveipam.kube.mode.KubeMode in Kubernetes mode
         self.node_local: Any = None  # weaveipam.cni.nodelocal.NodeLocal: kube-node ranges
+        self.started = False  # "stopped" is logged only for a daemon that started
+        # recent allocator events (takeovers, donations, seeding) for the status page
+        self.events: collections.deque[tuple[float, str, str]] = collections.deque(maxlen=50)
 
     # ---- public --------------------------------------------------------------------------
 
@@ -387,7 +391,9 @@ class Daemon:
             await self.mesh.start()
         except MeshError as e:
             self.mesh = None
-            raise StartupError(f"peer network: {e}") from e
+            hint = ("; another process holds it: give this daemon a free --port (or "
+                    "another --host)" if "cannot listen" in str(e) else "")
+            raise StartupError(f"peer network: {e}{hint}") from e
         for host, port in self.direct:
             try:
                 self.mesh.add_peer(host, port)
@@ -401,6 +407,7 @@ class Daemon:
             self._tasks.append(asyncio.create_task(keep_routes(self), name="weaveipam-routes"))
         if self.kube is not None:
             self.kube.start()
+        self.started = True
 
         log.info("weaveipam %s(%s) started: range %s, init %s, peer port %d, %d peer(s) "
                  "to dial, peer encryption %s, %s, state %s",
@@ -527,7 +534,7 @@ class Daemon:
             if isinstance(o, Persist):
                 records.append(o.record)
             elif isinstance(o, Event):
-                log.log(_LEVELS.get(o.level, logging.INFO), "%s", o.text)
+                self._event(o)
             else:
                 deliver.append(o)
         if not records and (self._tail is None or self._tail.done()):
@@ -577,6 +584,11 @@ class Daemon:
                     log.warning("could not send %s to %s: %s", o.msg.get("t"),
                                 o.dest or "neighbours", e)
 
+    def _event(self, e: Event) -> None:
+        """Log an allocator event, and keep it for the status page's recent events."""
+        log.log(_LEVELS.get(e.level, logging.INFO), "%s", e.text)
+        self.events.append((time.time(), e.level, e.text))
+
     def _gossip(self, msg: dict[str, Any]) -> None:
         """Push gossip: at most GOSSIP_FANOUT random direct neighbours (as the simulator)."""
         assert self.mesh is not None
@@ -605,7 +617,7 @@ class Daemon:
         records = [o.record for o in outs if isinstance(o, Persist)]
         for o in outs:
             if isinstance(o, Event):
-                log.log(_LEVELS.get(o.level, logging.INFO), "%s", o.text)
+                self._event(o)
         if records:
             try:
                 await self.store.commit(records)
@@ -724,7 +736,8 @@ class Daemon:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
-        log.info("stopped")
+        if self.started:
+            log.info("stopped")
 
 
 def _log_tasks() -> None:

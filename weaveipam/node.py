@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from collections import deque
+
     from .core.allocator import Allocator, Request
     from .mesh import ConnInfo, Mesh
     from .store import Store
@@ -61,6 +63,7 @@ class Node(Protocol):
     conn_terminations: int
     metrics: Any  # metrics.Metrics once the servers are up
     kube: Any  # kube.mode.KubeMode in Kubernetes mode, else None
+    events: deque[tuple[float, str, str]]  # recent allocator events: (time, level, text)
     mesh: Mesh | None
 
     @property

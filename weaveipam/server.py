@@ -22,10 +22,11 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from .api import MAX_BODY, add_api_routes, weave_errors
 from .cni import add_cni_routes
-from .daemon import Config, Daemon, addr_text, default_socket, is_loopback
+from .daemon import SOCKET_RECORD, Config, Daemon, addr_text, default_socket, is_loopback
 from .metrics import Metrics
 from .node import Node, StartupError
 from .status import add_status_routes
+from .web import add_page_route
 
 log = logging.getLogger("weaveipam.server")
 
@@ -34,7 +35,7 @@ Routes = Callable[[web.Application, Node], None]
 # Routes of the local API (unix socket and --http-addr).
 API_ROUTES: list[Routes] = [add_api_routes, add_cni_routes, add_status_routes]
 # Routes of the status listener (--status-addr).  A status page registers here, one line.
-STATUS_ROUTES: list[Routes] = [add_status_routes]
+STATUS_ROUTES: list[Routes] = [add_status_routes, add_page_route]
 
 
 def make_api_app(d: Node) -> web.Application:
@@ -90,6 +91,8 @@ async def serve(d: Node) -> Servers:
             os.umask(old)
         os.chmod(sock, 0o600)
         out.socket = sock
+        # `weaveipam CMD --data-dir DIR` finds this daemon's socket from its data dir
+        (cfg.data_dir / SOCKET_RECORD).write_text(f"{sock.absolute()}\n")
         if cfg.http_addr is not None:
             host, port = cfg.http_addr
             if not is_loopback(host):

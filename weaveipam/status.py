@@ -73,7 +73,9 @@ def advice(d: Node) -> str | None:
                     "run `weaveipam rmpeer NAME` for each (on any one live node)")
         return None
     if s == "idle":
-        return "idle: the ring is seeded at the first allocation, or now with `weaveipam prime`"
+        text = state_text(d)  # consensus=N>1 waits for its peers: the engine says so
+        return text if text != "idle" else \
+            "idle: the ring is seeded at the first allocation, or now with `weaveipam prime`"
     return state_text(d)
 
 
@@ -81,26 +83,68 @@ def _count_active(d: Node) -> int:
     return sum(len(v) for v in d.allocator.allocations().values())
 
 
-def ipam_text(d: Node) -> str:
-    """`weave status ipam`: a line per peer owning space, then the state."""
+STRIP_WIDTH = 64
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def _label(d: Node, name: str) -> str:
+    """`name(nickname)`, or the bare name while its nickname is unknown."""
+    nick = d.peer_nickname(name)
+    return f"{name}({nick})" if nick else name
+
+
+def _owners(d: Node) -> list[str]:
+    """Peers owning space, in the table's order: this peer first, then by name."""
+    a = d.allocator
+    owned = a.ring.peers()
+    return ([a.name] if a.name in owned else []) + sorted(p for p in owned if p != a.name)
+
+
+def ring_strip(d: Node, width: int = STRIP_WIDTH) -> str:
+    """The range drawn as `width` letters, each the owner (by its table letter) of the
+    address in the middle of that column; `.` where the owner is not known yet."""
+    a = d.allocator
+    letter = {p: LETTERS[i] if i < len(LETTERS) else "*" for i, p in enumerate(_owners(d))}
+    spans = [(s, e, peer) for s, e, (_, peer, _) in a.ring.iter_ranges()]
+    if not spans:
+        return "." * width
+    out, j = [], 0
+    start, size = a.universe.start, a.universe.size
+    for i in range(width):
+        addr = start + (2 * i + 1) * size // (2 * width)
+        while j + 1 < len(spans) and spans[j][1] <= addr:
+            j += 1
+        s, e, peer = spans[j]
+        out.append(letter.get(peer, ".") if s <= addr < e else ".")
+    return "".join(out)
+
+
+def ipam_lines(d: Node, letters: bool = False) -> list[str]:
+    """A line per peer owning space, as `weave status ipam` (with `letters`, each starts
+    with the peer's letter in the ring strip)."""
     a = d.allocator
     total = a.universe.size
     live = a.reachable()
-    lines = []
     owned = a.ring.peers()
-    order = [a.name] if a.name in owned else []
-    order += sorted(p for p in owned if p != a.name)
-    for p in order:
+    lines = []
+    for i, p in enumerate(_owners(d)):
         size = owned[p]
-        label = f"{p}({d.peer_nickname(p)})"
-        line = f"{label:<40} {size:>8} IPs ({100.0 * size / total:04.1f}% of total)"
+        line = f"{_label(d, p):<40} {size:>8} IPs ({100.0 * size / total:04.1f}% of total)"
         if p == a.name:
             line += f" ({_count_active(d)} active)"
         elif p not in live:
             line += " - unreachable!"
+        if letters:
+            line = f"{LETTERS[i] if i < len(LETTERS) else '*'} {line}"
         lines.append(line)
     if not owned:
         lines.append(f"{a.name}({d.cfg.nickname}): no IP ranges yet")
+    return lines
+
+
+def ipam_text(d: Node) -> str:
+    """`weave status ipam`: a line per peer owning space, then the state."""
+    lines = ipam_lines(d)
     lines.append("")
     lines.append(f"Status: {weave_state(d)}")
     hint = advice(d)
@@ -119,16 +163,28 @@ def encryption_text(d: Node) -> str:
     return "enabled (peers authenticated)"
 
 
-def status_text(d: Node) -> str:
-    """`weave status`: identity, connections and the IPAM block."""
+def known_peers(d: Node) -> set[str]:
+    """Every peer this one knows of (connected, heard of, or owning space), itself included,
+    without those removed by rmpeer: the `Peers:` count, consistent with the ring."""
+    a = d.allocator
+    return (set(a.peers) | set(a.ring.peers()) | {a.name}) - set(a.ring.removed)
+
+
+def status_text(d: Node, ipam: bool = False) -> str:
+    """`weave status`: identity, connections and the IPAM block; with `ipam` (what
+    `weaveipam status` prints) also the ring strip and the peers' lines, each state line
+    once."""
     a = d.allocator
     conns = d.connections()
     est = sum(1 for c in conns if c.state == "established")
+    known = known_peers(d)
+    down = len(known - a.reachable() - {a.name})
     rows = [
         ("Version", f"weaveipam {__version__}"),
         ("Name", f"{a.name}({d.cfg.nickname})"),
         ("Encryption", encryption_text(d)),
-        ("Peers", f"{len(a.reachable()) + 1} (with {est} established connections)"),
+        ("Peers", f"{len(known)} (with {est} established connection{'' if est == 1 else 's'}"
+                  + (f", {down} unreachable)" if down else ")")),
         ("Connections", f"{len(conns)} (established {est})"),
         ("", ""),
         ("Service", "ipam"),
@@ -140,6 +196,11 @@ def status_text(d: Node) -> str:
     hint = advice(d)
     if hint and hint != weave_state(d):
         out.append(f"{'':>15}  {hint}")
+    if ipam:
+        r = a.universe
+        out += ["", f"{'Ring':>15}: {ring_strip(d)}", f"{'':>17}{r} in {STRIP_WIDTH} "
+                "parts, a letter per owner (as below)", ""]
+        out += ipam_lines(d, letters=True)
     if d.kube is not None:
         out.append("")
         out += [f"{'Kubernetes' if i == 0 else '':>15}{':' if i == 0 else ' '} {line}"
@@ -147,7 +208,8 @@ def status_text(d: Node) -> str:
     if conns:  # like `weave status connections`
         out.append("")
         for c in conns:
-            who = f"{c.name}({c.nickname})" if c.name else ""
+            nick = c.nickname or (d.peer_nickname(c.name) if c.name else "")
+            who = (f"{c.name}({nick})" if nick else c.name) if c.name else ""
             crypt = "encrypted" if c.encrypted else "unencrypted"
             info = f" {c.info}" if c.info else ""
             out.append(f"{'->' if c.outbound else '<-'} {c.address:<22} {c.state:<11} "
@@ -163,7 +225,8 @@ def report(d: Node) -> dict[str, Any]:
     entries = []
     for s, e, (ver, peer, free) in a.ring.iter_ranges():
         # peer "" is a boundary marker: a segment whose owner we have not heard of yet
-        entries.append({"token": fmt(s, bits), "size": e - s, "peer": peer or None,
+        entries.append({"token": fmt(s, bits), "last": fmt(e - 1, bits),
+                        "offset": s - a.universe.start, "size": e - s, "peer": peer or None,
                         "nickname": d.peer_nickname(peer) if peer else "",
                         "reachable": peer == a.name or peer in live,
                         "version": ver, "free": free})
@@ -194,8 +257,9 @@ def report(d: Node) -> dict[str, Any]:
         "removed": dict(a.ring.removed),
         "entries": entries,
         "pending": pending,
-        "peers": [{"name": n, "nickname": v.nickname, "reachable": n in live}
-                  for n, v in sorted(a.peers.items())],
+        "peers": _peer_rows(d),
+        "events": [{"time": round(t, 3), "level": lvl, "text": text}
+                   for t, lvl, text in list(d.events)[-20:]],
         "direct_peers": d.direct_peers(),
         "owned": {ident: [f"{fmt(x, bits)}/{a.prefix_of(x)}" for x in addrs]
                   for ident, addrs in a.allocations().items()},
@@ -210,6 +274,38 @@ def report(d: Node) -> dict[str, Any]:
     if d.kube is not None:
         out["kubernetes"] = d.kube.status()
     return out
+
+
+def _peer_rows(d: Node) -> list[dict[str, Any]]:
+    """A row per known peer for the status page: its connection, share and use."""
+    a = d.allocator
+    live = a.reachable()
+    conns: dict[str, Any] = {}
+    for c in d.connections():  # an established connection describes the peer best
+        if c.name and (c.name not in conns or c.state == "established"):
+            conns[c.name] = c
+    size: dict[str, int] = {}
+    used: dict[str, int] = {}
+    for s, e, (_, peer, free) in a.ring.iter_ranges():
+        if peer:
+            size[peer] = size.get(peer, 0) + (e - s)
+            used[peer] = used.get(peer, 0) + max(0, (e - s) - free)
+    order = _owners(d)
+    rows = []
+    for n in order + sorted(known_peers(d) - set(order)):
+        conn = conns.get(n)
+        rows.append({
+            "name": n, "nickname": d.peer_nickname(n), "me": n == a.name,
+            "reachable": n == a.name or n in live,
+            "letter": LETTERS[order.index(n)] if n in order[:len(LETTERS)] else "",
+            "address": conn.address if conn is not None else "",
+            "connection": "this peer" if n == a.name else (conn.state if conn is not None else
+                                                           "via other peers" if n in live
+                                                           else "none"),
+            "size": size.get(n, 0), "share": size.get(n, 0) / a.universe.size,
+            # ours exactly; others' from their gossiped free counts (hints, maybe stale)
+            "in_use": _count_active(d) if n == a.name else used.get(n, 0)})
+    return rows
 
 
 def _ready(d: Node) -> tuple[bool, str]:
@@ -227,8 +323,8 @@ def _ready(d: Node) -> tuple[bool, str]:
 
 
 def add_status_routes(app: web.Application, d: Node) -> None:
-    async def status(_: web.Request) -> web.Response:
-        return web.Response(text=status_text(d))
+    async def status(req: web.Request) -> web.Response:
+        return web.Response(text=status_text(d, ipam=req.query.get("ipam") == "1"))
 
     async def status_ipam(_: web.Request) -> web.Response:
         return web.Response(text=ipam_text(d))

@@ -53,6 +53,11 @@ class Allocator(RingSync):
                     "is the cluster size on every node")
         if s == "awaiting-ring":
             return "observer: waiting for a peer that has a ring; connect this node to one"
+        if s == "idle" and self.paxos is not None and self.init.count > 1:
+            return (f"idle: waiting for peers (consensus={self.init.count}, quorum: "
+                    f"{self.paxos.quorum}, reachable: {len(self.reachable()) + 1}); consensus "
+                    "starts by itself once they can be reached: start them, with this "
+                    "node's address among their peers")
         if s == "rejoining" and self.vetting:
             heir = self.heir_for(self.name)
             if heir in self.polling:
