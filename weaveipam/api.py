@@ -304,8 +304,10 @@ class Api:
         """Weave answers 200 "N IPs taken over from X" whatever happened (0 for a peer it
         does not know); we also refuse a reachable peer (409), as Weave should have."""
         given = req.match_info["name"]
+        # ?gone=A,B: other peers the operator says are gone too (RmPeer.gone)
+        gone = tuple(g for g in req.query.get("gone", "").split(",") if g)
         try:
-            res: dict[str, Any] = await self.d.call(RmPeer(given))
+            res: dict[str, Any] = await self.d.call(RmPeer(given, gone))
         except ApiError as e:
             if e.code in ("conflict", "unavailable"):
                 raise  # a reachable peer, or no answer in time: Weave had no such refusal

@@ -446,11 +446,22 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 
 def cmd_rmpeer(args: argparse.Namespace) -> int:
-    name = args.name
-    if not name or "/" in name:
-        _die(f"bad peer name {name!r}", EXIT_USAGE)
+    """Several names: all are gone, so none is chosen as another's heir (two peers that
+    are each other's heirs can only be removed together)."""
+    names: list[str] = args.names
+    for name in names:
+        if not name or "/" in name or "," in name:
+            _die(f"bad peer name {name!r}", EXIT_USAGE)
     c = _client(args)
-    _, body = c.call("DELETE", f"/peer/{_q(name)}", accept_json=True)
+    for name in names:
+        others = [n for n in names if n != name]
+        path = f"/peer/{_q(name)}" + (f"?gone={_q(','.join(others))}" if others else "")
+        _rmpeer_one(c, name, path)
+    return EXIT_OK
+
+
+def _rmpeer_one(c: Client, name: str, path: str) -> None:
+    _, body = c.call("DELETE", path, accept_json=True)
     res = json.loads(body)
     heir = str(res.get("heir", ""))
     _, rep = c.call("GET", "/report")  # the heir's nickname: the API keeps Weave's words
@@ -462,7 +473,6 @@ def cmd_rmpeer(args: argparse.Namespace) -> int:
               f"went to {heir}")
     else:
         print(f"{res.get('moved', 0)} IPs taken over from {res.get('peer', name)} by {heir}")
-    return EXIT_OK
 
 
 PRIME_TEXT = {
@@ -974,8 +984,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", metavar="ID")
     p.add_argument("addr", nargs="?", metavar="ADDR")
     p.set_defaults(func=cmd_release)
-    p = sub.add_parser("rmpeer", parents=[common], help="take over a dead peer's ranges")
-    p.add_argument("name", metavar="NAME", help="peer name or nickname")
+    p = sub.add_parser("rmpeer", parents=[common], help="take over dead peers' ranges")
+    p.add_argument("names", metavar="NAME", nargs="+",
+                   help="peer name or nickname; several: all are gone (removed together)")
     p.set_defaults(func=cmd_rmpeer)
     p = sub.add_parser("connect", parents=[common],
                        help="dial more peers, kept across restarts (weave connect)")
