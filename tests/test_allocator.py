@@ -381,6 +381,27 @@ def test_a_lone_owner_back_with_old_data_hears_its_peers_before_allocating() -> 
     assert ok(r2, A, rid) is not None
 
 
+def test_a_wiped_node_that_seeds_the_same_ring_again_still_sees_its_lost_state() -> None:
+    """A's data dir is lost and it comes back under its name with `seed=A,B`: it seeds the
+    same ring on its own at once (so it was never polled), then hears B's copy, where its
+    entries are in use.  It must stop (lost-state) and hand out nothing, as a joiner does."""
+    w = seeded((A, B))
+    held = ok(w, A, w.call(A, Allocate("pod-a")))
+    w.cut(A, B)
+    w.nodes.pop(A)
+    w.now = 10.0
+    w.add(A, f"seed={A},{B}", expect_peers=True)  # fresh state, same name, same seeds
+    w.run_until(16.0)  # alone past SEED_WAIT: it seeds the same ring on its own
+    assert not w.nodes[A].alloc.ring.is_empty()
+    w.connect(A, B)
+    rid = w.call(A, Allocate("pod-a2"))
+    w.run_until(20.0)
+    r = w.reply(A, rid)
+    assert r is None or r.error is not None, r  # never an address
+    assert w.nodes[A].alloc.state() == "lost-state"
+    assert held not in w.nodes[A].alloc.holder
+
+
 def test_a_restarted_node_with_an_in_sync_peer_allocates_without_waiting() -> None:
     w = seeded((A, B))
     ok(w, A, w.call(A, Allocate("pod-1")))

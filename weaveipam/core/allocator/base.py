@@ -131,6 +131,7 @@ class AllocatorBase:
         self.witness_asked: dict[int, float] = {}
         self.seed_wait_until = now + SEED_WAIT if expect_peers else now
         self.expect_peers = expect_peers
+        self.self_seeded = False  # this start seeded the ring itself, not vetted since
         self._restore(snapshot)
 
     def _persist(self, rec: Record) -> None:
@@ -202,3 +203,22 @@ class AllocatorBase:
 
     def state_text(self) -> str:
         raise NotImplementedError
+
+    def _poll(self) -> None:  # takeover.py
+        raise NotImplementedError
+
+    def _polled(self) -> None:  # takeover.py
+        raise NotImplementedError
+
+    def _vet_seeded(self) -> None:
+        """Hear every reachable peer's ring before handing anything out from a ring we
+        seeded ourselves: the same seeds give the same ring, and the cluster's copy may be
+        older than us, with our entries in use by a predecessor under our name (a lost
+        data dir: lost_state).  Our own marks would only repeat its versions."""
+        if self.self_seeded and self.reachable() and not (
+                self.witness_asked or self.allocs or self.restored or self.fault):
+            self.self_seeded = False
+            self.synced = False
+            self.vetting = True
+            self._poll()
+            self._polled()

@@ -94,6 +94,8 @@ class Seeding(Requests):
         self.dirty.update(self.ring.entries.keys())
         self.urgent = True
         self._event("info", f"ring seeded by {','.join(self.ring.seeds)}")
+        self.self_seeded = True
+        self._vet_seeded()  # now, or when the first peer comes up
         for p in list(self.pending):
             self._retry(p)
 

@@ -61,6 +61,7 @@ class RingSync(Takeover):
             return
         self._set_reachable(name, True)
         self.peers[name].nickname = nickname
+        self._vet_seeded()
         if self.vetting or self.takeovers:
             self.polling.add(name)  # it may know what the others did not
             self._send(name, {"t": "ring?", "all": True})
@@ -100,9 +101,16 @@ class RingSync(Takeover):
         if self.ring.is_empty() or r.is_empty():
             return None  # nothing to keep it in yet; the peer asks again
         err = self._merge(sender, r, False, False, True)
-        ok = [t for t, e in r.entries.items() if e[1] == sender
-              and (cur := self.ring.entries.get(t)) is not None and cur[1] == sender
-              and cur[0] >= e[0]]
+        ok: list[int] = []
+        newer: list[int] = []
+        for t, e in r.entries.items():
+            cur = self.ring.entries.get(t)
+            if e[1] == sender and cur is not None and cur[1] == sender:
+                (ok if cur[0] == e[0] else newer if cur[0] > e[0] else []).append(t)
+        if newer:
+            # we hold a later version of its own entry than it knows: an earlier instance
+            # under its name wrote it (a lost data dir): no confirmation, but what it missed
+            self._send(sender, {"t": "ring", "full": False, "ring": self.ring.to_wire(newer)})
         if ok:
             # offsets from the range's start: IPv6 addresses do not fit msgpack's integers
             u = self.universe.start
@@ -222,7 +230,10 @@ class RingSync(Takeover):
 
     def _merge(self, sender: str, r: Ring, full: bool, ae: bool, ok: bool) -> str | None:
         was_empty = self.ring.is_empty()
-        trusted = self.synced and not self.vetting and (self.restored or self.vetted)
+        # a fresh node that seeded its own ring and handed nothing out yet may meet its
+        # predecessor's writes: that is lost state (checked below), not another daemon
+        trusted = self.synced and not self.vetting and (
+            self.restored or self.vetted and bool(self.witness_asked or self.allocs))
         foreign = self._foreign_writes(r) if trusted and not self.fault else []
         res = self.ring.merge(r)
         if isinstance(res, RingError):
@@ -298,6 +309,11 @@ class RingSync(Takeover):
             self._stop("removed", f"this peer was removed with rmpeer; its ranges now belong "
                        f"to {heir}. Run `weaveipam reset` on this host to rejoin with fresh "
                        "state (its pods need new addresses)")
+        if res and self.vetted and not (self.vetting or self.fault or self.witness_asked):
+            # vetted without a poll (we seeded the ring ourselves: a fresh cluster, or the
+            # same seeds as the cluster's) and nothing handed out yet: entries under our
+            # name that the cluster's ring shows in use are a predecessor's (lost_state)
+            self._check_lost_state()
         if was_empty or self.space.owned_size() != before:
             self._persist_ring()
         if was_empty:
