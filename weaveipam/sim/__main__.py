@@ -22,7 +22,8 @@ CONVERGE_BOUND = 120.0  # simulated seconds after the last fault heals
 def run(nodes: int, seed: int, steps: int, faults: bool, *, consensus: int | None = None,
         degree: int = 30, universe: str = "10.32.0.0/12", traffic: float = 5.0,
         join: int = 0, fanout: int = GOSSIP_FANOUT,
-        rmpeer_rate: float | None = None, operator_rate: float | None = None) -> dict[str, Any]:
+        rmpeer_rate: float | None = None, operator_rate: float | None = None,
+        measure_idle: float = 0.0, measure_fault: float = 0.0) -> dict[str, Any]:
     t0 = time.perf_counter()
     f = Faults()
     if faults:
@@ -87,6 +88,12 @@ def run(nodes: int, seed: int, steps: int, faults: bool, *, consensus: int | Non
         sim.check_ledger()
         summary.update(violations=0, converged_after_s=round(converged_after, 3),
                        all_allocated_after_s=round(all_allocated_after, 3))
+        if measure_idle > 0 or measure_fault > 0:
+            from .rates import project
+
+            phase = "measure"
+            summary["rates"] = project(sim, measure_idle, measure_fault)
+            sim.check_ledger()
     except Violation as v:
         summary.update(violations=1, violation=str(v), kind=v.kind, phase=phase,
                        step=sim.steps,
@@ -119,12 +126,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--operators", type=float, default=None, metavar="RATE",
                     help="with --faults: operator and stranger actions per second (other "
                          "--ipalloc-init, wiped stores, reset, forged hellos); default 0.02")
+    ap.add_argument("--measure-idle", type=float, default=0.0, metavar="SECONDS",
+                    help="after the run: per-node message and byte rates over this many "
+                         "quiet simulated seconds (engine simulated, mesh modelled)")
+    ap.add_argument("--measure-fault", type=float, default=0.0, metavar="SECONDS",
+                    help="then the same over a window from a kill + restart, and from a "
+                         "kill + rmpeer")
     args = ap.parse_args(argv)
     if args.nodes < 1 or args.steps < 0:
         ap.error("--nodes must be >= 1 and --steps >= 0")
+    if args.measure_idle < 0 or args.measure_fault < 0:
+        ap.error("--measure-idle and --measure-fault are seconds >= 0")
+    if args.measure_fault and args.nodes + args.join < 3:
+        ap.error("--measure-fault needs at least 3 nodes (one killed, one left to rmpeer it)")
     s = run(args.nodes, args.seed, args.steps, args.faults, consensus=args.consensus,
             degree=args.degree, universe=args.range, traffic=args.traffic, join=args.join,
-            operator_rate=args.operators)
+            operator_rate=args.operators, measure_idle=args.measure_idle,
+            measure_fault=args.measure_fault)
     print(json.dumps(s))
     return 1 if s["violations"] else 0
 
