@@ -63,9 +63,9 @@ def _add(total: dict[int, Any], more: dict[int, Any]) -> None:
 
 
 def project(sim: Simulator, idle_s: float, fault_s: float) -> dict[str, Any]:
-    """Rates per node: idle, then around a kill + restart one second later, then around
-    a kill + rmpeer (from one or two live peers) one second later; each window starts
-    at the kill."""
+    """Rates per node: idle (after as long again to settle), then around a kill +
+    restart one second later, then around a kill + rmpeer (from one or two live peers)
+    one second later; each fault's window starts at the kill."""
     from . import meshcost
 
     settings = meshcost.MeshSettings.defaults()
@@ -81,6 +81,7 @@ def project(sim: Simulator, idle_s: float, fault_s: float) -> dict[str, Any]:
         return dict(zip(order, per, strict=True))
 
     if idle_s > 0:
+        _window(sim, idle_s, {})  # the tail of the run's last allocations settles first
         out["idle"] = _summary(sim, idle_s, _window(sim, idle_s, {}), baseline(idle_s))
     if fault_s <= 0:
         return out
