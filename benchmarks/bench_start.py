@@ -3,15 +3,18 @@
 1. CPU-seconds from exec to the first allocation of a lone daemon (`consensus=1`), for
    each `--repo` given, interleaved run by run so a shared machine's drift hits all
    alike; medians.  With `--uvloop`, each repo also without uvloop.
-2. `--importtime`: the slowest imports of one daemon start (`-X importtime`, self time
+2. `--imports`: CPU of a process that only imports what a plain daemon imports (as the
+   daemon does), interleaved likewise: the part of the start that imports decide.
+3. `--importtime`: the slowest imports of one daemon start (`-X importtime`, self time
    summed per top-level package); inflated by the tracing, so compare within a run.
-3. `--ops SECONDS`: the daemon's CPU per allocate+release with and without uvloop, at 32
+4. `--ops SECONDS`: the daemon's CPU per allocate+release with and without uvloop, at 32
    clients with the minimal client of `bench_api_raw.py` (CPU from /proc, which a loaded
    machine moves far less than ops/s), and so after how many operations uvloop's import
    is paid back.
 
     python3 benchmarks/bench_start.py --repo /work/main --repo . --runs 7
     python3 benchmarks/bench_start.py --repo . --uvloop --ops 5 --importtime
+    python3 benchmarks/bench_start.py --repo /work/main --repo . --runs 12 --imports
 
 uvloop is hidden from a daemon by a shim module earlier on its PYTHONPATH whose import
 fails, as on a machine without uvloop (the daemon then runs asyncio's own loop).
@@ -22,8 +25,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import os
+import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -67,6 +73,20 @@ def start_cpu(repo: Path, uvloop: bool, shim: Path) -> float:
         cpu = cpu_seconds(node.pid)
         node.stop()
     return cpu
+
+
+IMPORTS = ("from weaveipam.cli import _import_aiohttp; _import_aiohttp(); import uvloop, "
+           "weaveipam.daemon, weaveipam.api, weaveipam.status, weaveipam.metrics, "
+           "weaveipam.kube.config")
+
+
+def import_cpu(repo: Path) -> float:
+    """CPU-seconds of an interpreter that imports what a plain daemon imports."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run([sys.executable, "-c", IMPORTS], check=True, cwd=tempfile.gettempdir(),
+                   env=dict(os.environ, PYTHONPATH=str(repo)))
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
 
 def importtime(repo: Path, top: int = 14) -> None:
@@ -113,6 +133,8 @@ def main() -> None:
                     help="a checkout to measure (repeatable); default this one")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--uvloop", action="store_true", help="also each repo without uvloop")
+    ap.add_argument("--imports", action="store_true",
+                    help="only the imports' CPU, instead of the lone-daemon starts")
     ap.add_argument("--importtime", action="store_true")
     ap.add_argument("--ops", type=float, default=0.0,
                     help="seconds of allocate+release load per run, with and without uvloop")
@@ -127,6 +149,15 @@ def main() -> None:
             compileall.compile_dir(repo / "weaveipam", quiet=1)
         variants = [(r, True) for r in repos] + ([(r, False) for r in repos]
                                                  if args.uvloop else [])
+        if args.imports:
+            got: dict[Path, list[float]] = {r: [] for r in repos}
+            for _ in range(args.runs):
+                for repo in repos:
+                    got[repo].append(import_cpu(repo))
+            for repo, xs in got.items():
+                print(f"imports of a plain daemon: median {statistics.median(xs):.3f} CPU-s "
+                      f"(min {min(xs):.3f}, max {max(xs):.3f}, {len(xs)} runs) {repo}")
+            return
         cpu: dict[tuple[Path, bool], list[float]] = {v: [] for v in variants}
         for _ in range(args.runs):
             for v in variants:
