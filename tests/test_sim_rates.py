@@ -50,8 +50,13 @@ def test_cost_model_uses_real_frames_and_the_mesh_settings() -> None:
     assert meshcost.entry_bytes(30) - meshcost.entry_bytes(20) == 10 * step > 0
     (t,) = meshcost.idle([4], 10.0, s)
     frames, nbytes = meshcost.topology_cost([4])
-    assert t.msgs == 4 * 10 / s.heartbeat + 4 * frames * 10 / s.gossip_interval
-    assert t.bytes == (4 * 10 / s.heartbeat * len(HEARTBEAT_BYTES)
-                       + 4 * nbytes * 10 / s.gossip_interval)
+    beats = 4 * 10 / s.heartbeat_interval(4)
+    to = s.repair_targets(4)
+    assert t.msgs == beats + to * frames * 10 / s.gossip_interval
+    assert t.bytes == beats * len(HEARTBEAT_BYTES) + to * nbytes * 10 / s.gossip_interval
+    # where the mesh bounds them, heartbeats and repair stop growing with connections
+    bounded = meshcost.MeshSettings(1.0, 5.0, 10.0, repair_fanout=1, hb_links=10)
+    few, many = meshcost.idle([10, 100], 10.0, bounded)
+    assert many.msgs - few.msgs < 1
     # 65 entries do not fit one topology frame
     assert meshcost.topology_cost([3] * 65)[0] == 2

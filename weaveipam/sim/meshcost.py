@@ -7,10 +7,12 @@ a `Message` frame.  This model counts them from the mesh's own settings (the def
 frames encoded with the mesh's encoder: nothing is sent, no clock is read.
 
 Idle, per node with C connections in a cluster of R reachable peers, per second:
-- heartbeats: C / heartbeat frames (an upper bound: a connection that carried anything
-  else in the interval sends none; idle engine traffic is a digest every few seconds);
+- heartbeats: one per connection per heartbeat interval (an upper bound: a connection
+  that carried anything else in the interval sends none), where the mesh spreads them
+  (liveness.HB_LINKS) the interval grows with C;
 - periodic topology gossip: every gossip_interval, all R entries (each listing that
-  peer's neighbours) to each of the C connections, in frames of at most _TOPO_CHUNK.
+  peer's neighbours) to each of the C connections, or to REPAIR_FANOUT of them where the
+  mesh bounds it, in frames of at most _TOPO_CHUNK.
 A node's connections change (a peer dies, restarts, is removed): each peer whose
 neighbour list changed floods its new entry, which every node passes on once to each of
 its connections; a new connection starts with both hellos and a full topology exchange.
@@ -18,8 +20,10 @@ its connections; a new connection starts with both hellos and a full topology ex
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -43,17 +47,38 @@ class MeshSettings:
     heartbeat: float
     dead_timeout: float
     gossip_interval: float
+    # periodic full topology to this many neighbours per round; None: to every one
+    repair_fanout: int | None = None
+    # heartbeats spread so that this many links get one per heartbeat interval; None: a
+    # heartbeat on every link every interval
+    hb_links: int | None = None
 
     @classmethod
     def defaults(cls) -> MeshSettings:
         """The daemon's: `Mesh`'s keyword defaults (the daemon passes its own heartbeat
-        and dead_timeout, whose defaults are the same)."""
+        and dead_timeout, whose defaults are the same), and the mesh's bounds on periodic
+        repair and heartbeats where the mesh has them (mesh.REPAIR_FANOUT, liveness.HB_LINKS)."""
         params = inspect.signature(Mesh.__init__).parameters
 
         def default(name: str) -> Any:
             return params[name].default
 
-        return cls(default("heartbeat"), default("dead_timeout"), default("gossip_interval"))
+        try:
+            hb_links = importlib.import_module(f"{Mesh.__module__.rsplit('.', 1)[0]}.liveness"
+                                               ).HB_LINKS
+        except (ImportError, AttributeError):
+            hb_links = None
+        return cls(default("heartbeat"), default("dead_timeout"), default("gossip_interval"),
+                   getattr(sys.modules[Mesh.__module__], "REPAIR_FANOUT", None), hb_links)
+
+    def heartbeat_interval(self, links: int) -> float:
+        """Seconds between heartbeats on one silent link of a node with `links` links."""
+        if self.hb_links is None:
+            return self.heartbeat
+        return self.heartbeat * max(1.0, links / self.hb_links)
+
+    def repair_targets(self, links: int) -> int:
+        return links if self.repair_fanout is None else min(links, self.repair_fanout)
 
 
 _NAME = "aa:bb:cc:dd:ee:ff"
@@ -111,9 +136,11 @@ def idle(degrees: Sequence[int], seconds: float, s: MeshSettings) -> list[Traffi
     out = []
     for c in degrees:
         t = Traffic()
-        t.add(c * seconds / s.heartbeat, c * seconds / s.heartbeat * len(HEARTBEAT_BYTES))
+        beats = c * seconds / s.heartbeat_interval(c)
+        t.add(beats, beats * len(HEARTBEAT_BYTES))
         rounds = seconds / s.gossip_interval
-        t.add(c * frames * rounds, c * nbytes * rounds)
+        to = s.repair_targets(c)
+        t.add(to * frames * rounds, to * nbytes * rounds)
         out.append(t)
     return out
 

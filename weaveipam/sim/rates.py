@@ -73,7 +73,8 @@ def project(sim: Simulator, idle_s: float, fault_s: float) -> dict[str, Any]:
     order = sorted(deg)
     out: dict[str, Any] = {
         "nodes": len(sim.live()), "connections_per_node": round(mean(deg.values()), 1),
-        "mesh": {"heartbeat": settings.heartbeat, "gossip_interval": settings.gossip_interval},
+        "mesh": {"heartbeat": settings.heartbeat, "gossip_interval": settings.gossip_interval,
+                 "repair_fanout": settings.repair_fanout, "hb_links": settings.hb_links},
     }
 
     def baseline(seconds: float) -> dict[int, Any]:
