@@ -685,12 +685,18 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
 
 def _import_aiohttp() -> None:
-    """Import aiohttp without loading the system CA bundle.
+    """Import aiohttp's server side only, without loading the system CA bundle.
 
-    aiohttp builds two verifying TLS client contexts when imported, which parses every
-    CA certificate (about 90 ms of CPU per daemon start here, a quarter of it).  The
-    daemon makes no TLS connections, so the bundle is pointed at nothing for the import.
+    aiohttp's package ``__init__`` imports its whole client (sessions, connectors, cookie
+    jars: a fifth of the import) though the daemon makes no HTTP requests, and aiohttp
+    builds two verifying TLS client contexts when imported, which parses every CA
+    certificate (about 90 ms of CPU per daemon start here).  So the package is put in
+    place with its ``__init__`` deferred until something asks it for a name that is not
+    a submodule (``aiohttp.ClientSession``), then ``aiohttp.web`` is imported, with the CA
+    bundle pointed at nothing.  tests/test_imports.py checks what a running daemon loaded.
     """
+    if "aiohttp" not in sys.modules:
+        _defer_package_init("aiohttp")
     before = os.environ.get("SSL_CERT_FILE")
     os.environ["SSL_CERT_FILE"] = os.devnull
     try:
@@ -700,6 +706,35 @@ def _import_aiohttp() -> None:
             del os.environ["SSL_CERT_FILE"]
         else:
             os.environ["SSL_CERT_FILE"] = before
+
+
+def _defer_package_init(package: str) -> None:
+    """Register ``package`` so its submodules import without running its ``__init__``;
+    the first lookup of any other name on it runs the ``__init__`` after all."""
+    import importlib.util
+    import re
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.loader is None or spec.origin is None:
+        return  # not an installed package: the ordinary import reports it
+    # aiohttp.http reads the package's __version__ for its Server header; read from the
+    # source's assignment (importlib.metadata would cost more than the deferral saves)
+    found = re.search(r'^__version__ = "([^"]+)"', Path(spec.origin).read_text(), re.M)
+    if found is None:
+        return  # laid out differently: the ordinary import it is
+    module = importlib.util.module_from_spec(spec)
+    loader = spec.loader
+    module.__dict__["__version__"] = found.group(1)
+
+    def complete(name: str) -> Any:
+        if importlib.util.find_spec(f"{package}.{name}") is not None:
+            raise AttributeError(name)  # a submodule: the import system loads it itself
+        del module.__dict__["__getattr__"]
+        loader.exec_module(module)
+        return getattr(module, name)
+
+    module.__dict__["__getattr__"] = complete
+    sys.modules[package] = module
 
 
 def _read_password(args: argparse.Namespace) -> tuple[bytes | None, bytes | None]:

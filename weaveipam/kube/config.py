@@ -6,8 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .reconcile import DEFAULT_ADDRESS_TYPES
-
+# the Node address types dialled, in order (kept here: the CLI imports only this module)
+DEFAULT_ADDRESS_TYPES = ("InternalIP", "ExternalIP")
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 

@@ -26,12 +26,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .config import DEFAULT_ADDRESS_TYPES
+
 MAP_NAME = "weave-ipam-peers"
 MAP_REFRESH = 5.0  # re-read the map this often (other daemons' entries, removals)
 RELIST_TO_VOUCH = 10.0  # at most this often, a LIST to vouch for entries of unseen Nodes
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
 RMPEER_RETRY_MIN, RMPEER_RETRY_MAX = 1.0, 30.0
-DEFAULT_ADDRESS_TYPES = ("InternalIP", "ExternalIP")
 
 
 # ---- values ---------------------------------------------------------------------------

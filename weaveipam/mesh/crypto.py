@@ -28,17 +28,18 @@ import hashlib
 import hmac
 from collections.abc import Sequence
 
-import nacl.exceptions
-import nacl.public
-import nacl.pwhash.argon2id as argon2id
-import nacl.secret
-
 from .frames import HEADER_LEN, FrameError, MeshError
 
 KEY_LEN = 32
 COUNTER_LEN = 8
-SEAL_OVERHEAD = COUNTER_LEN + nacl.secret.SecretBox.MACBYTES  # per frame, on top of the body
-_NONCE_PAD = bytes(nacl.secret.SecretBox.NONCE_SIZE - COUNTER_LEN)
+# Sizes fixed by the algorithms (PyNaCl's SecretBox.MACBYTES, SecretBox.NONCE_SIZE and
+# argon2id.SALTBYTES), written out so that importing this module costs no PyNaCl: it is
+# imported only with --password (tests/test_imports.py checks them against PyNaCl).
+MAC_LEN = 16
+NONCE_LEN = 24
+SALT_LEN = 16
+SEAL_OVERHEAD = COUNTER_LEN + MAC_LEN  # per frame, on top of the body
+_NONCE_PAD = bytes(NONCE_LEN - COUNTER_LEN)
 _MAX_COUNTER = (1 << 64) - 1
 # Argon2id cost: 2 passes over 24 MiB, about 0.04 CPU-seconds here (benchmarks/
 # bench_crypto.py --kdf); the start-up budget is 0.1 s even with a second password.
@@ -56,12 +57,14 @@ class ReplayError(FrameError):
 def cluster_salt(cluster: str) -> bytes:
     """The KDF salt for a cluster: public and fixed (every daemon must derive the same
     key), 16 bytes of BLAKE2b over the cluster's identity (the daemon's allocation range)."""
-    return hashlib.blake2b(cluster.encode(), digest_size=argon2id.SALTBYTES,
+    return hashlib.blake2b(cluster.encode(), digest_size=SALT_LEN,
                            person=b"wipam-kdf-salt").digest()
 
 
 def derive_secret(password: bytes, cluster: str = "") -> bytes:
     """The 32-byte shared secret for ``password`` in ``cluster`` (Argon2id)."""
+    import nacl.pwhash.argon2id as argon2id
+
     if not isinstance(password, bytes) or not password:
         raise MeshError("the password must be a non-empty byte string")
     return argon2id.kdf(KEY_LEN, password, cluster_salt(cluster),
@@ -138,11 +141,16 @@ class KeyPair:
     """An ephemeral X25519 key pair, one per connection."""
 
     def __init__(self) -> None:
+        import nacl.public
+
         self._private = nacl.public.PrivateKey.generate()
         self.public = bytes(self._private.public_key)
 
     def shared(self, peer_public: bytes) -> bytes:
         """The X25519 (+HSalsa20) shared key; FrameError for an unusable public key."""
+        import nacl.exceptions
+        import nacl.public
+
         try:
             box = nacl.public.Box(self._private, nacl.public.PublicKey(peer_public))
             return bytes(box.shared_key())
@@ -159,6 +167,8 @@ class Sealer:
     """Seals outgoing frames with a strictly increasing counter nonce."""
 
     def __init__(self, key: bytes) -> None:
+        import nacl.secret
+
         self._box = nacl.secret.SecretBox(key)
         self._counter = 0
 
@@ -177,7 +187,11 @@ class Opener:
     """Opens incoming sealed frame bodies; refuses any counter but the next one."""
 
     def __init__(self, key: bytes) -> None:
+        import nacl.exceptions
+        import nacl.secret
+
         self._box = nacl.secret.SecretBox(key)
+        self._refused = nacl.exceptions.CryptoError
         self._expected = 0
 
     def open(self, data: bytes) -> bytes:
@@ -189,7 +203,7 @@ class Opener:
                               f"expected {self._expected}")
         try:
             body = self._box.decrypt(data[COUNTER_LEN:], _nonce(counter))
-        except nacl.exceptions.CryptoError:
+        except self._refused:
             raise FrameError("frame failed decryption: tampered, corrupted or wrong key"
                              ) from None
         self._expected = counter + 1

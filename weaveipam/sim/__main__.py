@@ -23,7 +23,8 @@ def run(nodes: int, seed: int, steps: int, faults: bool, *, consensus: int | Non
         degree: int = 30, universe: str = "10.32.0.0/12", traffic: float = 5.0,
         join: int = 0, fanout: int = GOSSIP_FANOUT,
         rmpeer_rate: float | None = None, operator_rate: float | None = None,
-        reply_crash: float = 0.0) -> dict[str, Any]:
+        reply_crash: float = 0.0, measure_idle: float = 0.0,
+        measure_fault: float = 0.0) -> dict[str, Any]:
     t0 = time.perf_counter()
     f = Faults()
     if faults:
@@ -89,6 +90,12 @@ def run(nodes: int, seed: int, steps: int, faults: bool, *, consensus: int | Non
         sim.check_ledger()
         summary.update(violations=0, converged_after_s=round(converged_after, 3),
                        all_allocated_after_s=round(all_allocated_after, 3))
+        if measure_idle > 0 or measure_fault > 0:
+            from .rates import project
+
+            phase = "measure"
+            summary["rates"] = project(sim, measure_idle, measure_fault)
+            sim.check_ledger()
     except Violation as v:
         summary.update(violations=1, violation=str(v), kind=v.kind, phase=phase,
                        step=sim.steps,
@@ -124,14 +131,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reply-crashes", type=float, default=0.0, metavar="P",
                     help="with --faults: chance that a node crashes right after a batch "
                          "that acknowledged an allocation (default 0)")
+    ap.add_argument("--measure-idle", type=float, default=0.0, metavar="SECONDS",
+                    help="after the run: per-node message and byte rates over this many "
+                         "quiet simulated seconds (engine simulated, mesh modelled)")
+    ap.add_argument("--measure-fault", type=float, default=0.0, metavar="SECONDS",
+                    help="then the same over a window from a kill + restart, and from a "
+                         "kill + rmpeer")
     args = ap.parse_args(argv)
     if args.nodes < 1 or args.steps < 0:
         ap.error("--nodes must be >= 1 and --steps >= 0")
     if not 0.0 <= args.reply_crashes <= 1.0:
         ap.error(f"--reply-crashes must be a chance between 0 and 1, not {args.reply_crashes:g}")
+    if args.measure_idle < 0 or args.measure_fault < 0:
+        ap.error("--measure-idle and --measure-fault are seconds >= 0")
+    if args.measure_fault and args.nodes + args.join < 3:
+        ap.error("--measure-fault needs at least 3 nodes (one killed, one left to rmpeer it)")
     s = run(args.nodes, args.seed, args.steps, args.faults, consensus=args.consensus,
             degree=args.degree, universe=args.range, traffic=args.traffic, join=args.join,
-            operator_rate=args.operators, reply_crash=args.reply_crashes)
+            operator_rate=args.operators, reply_crash=args.reply_crashes,
+            measure_idle=args.measure_idle, measure_fault=args.measure_fault)
     print(json.dumps(s))
     return 1 if s["violations"] else 0
 

@@ -72,6 +72,9 @@ class SimNode:
     down_since: float = 0.0
     next_ident: int = 0
     bytes_sent: int = 0
+    # per delivery attempt (a broadcast counts once per target): the per-node rates
+    msgs_out: int = 0
+    bytes_out: int = 0
     rid_seq: int = 0
     inflight: dict[int, Request] = field(default_factory=dict)
 
@@ -214,6 +217,7 @@ class Simulator:
 
     def _send(self, n: SimNode, s: Send) -> None:
         msg = s.msg
+        size = 0
         if self.wire:
             size, msg = transit(msg)
             n.bytes_sent += size
@@ -223,6 +227,8 @@ class Simulator:
                 targets = self.rng.sample(sorted(targets), self.fanout)
         else:
             targets = [j for j in self._index_of(s.dest)]
+        n.msgs_out += len(targets)
+        n.bytes_out += size * len(targets)
         for j in targets:
             self._enqueue(n.idx, j, msg)
 
