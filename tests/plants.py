@@ -278,10 +278,10 @@ PLANTS: dict[str, Plant] = {
         lost_on_release, SIM, "lost", (("faults", 1), ("faults", 8)),
         "a release also drops another ident's allocation"),
     "removed_ignores_removal": Plant(
-        removed_ignores_removal, SIM, "removed-allocated", (("rmpeer", 4), ("rmpeer", 8)),
+        removed_ignores_removal, SIM, "removed-allocated", (("rmpeer", 1), ("rmpeer", 2)),
         "a removed node back with its old data ignores its own removal"),
     "freed_on_restart": Plant(
-        freed_on_restart, SIM, "duplicate", (("small", 1), ("small", 2)),
+        freed_on_restart, SIM, "duplicate", (("small", 2), ("small", 3)),
         "used addresses left free after a restart"),
     "reply_before_persist": Plant(
         reply_before_persist, SIM, "lost", (("reply-crash", 5), ("reply-crash", 6)),
@@ -290,7 +290,7 @@ PLANTS: dict[str, Plant] = {
         weave_rmpeer, SIM, "double-owner", (("rmpeer", 6), ("rmpeer", 9)),
         "Weave's rmpeer: whoever runs it is the heir"),
     "joiner_seeds_alone": Plant(
-        joiner_seeds_alone, SIM, "double-owner", (("operators", 8), ("operators", 49)),
+        joiner_seeds_alone, SIM, "double-owner", (("operators", 76), ("operators", 77)),
         "a joiner seeds its own ring without hearing its peers"),
     "wiped_name_reused": Plant(
         wiped_name_reused, SIM, "duplicate", (("operators", 9), ("operators", 1)),
@@ -299,7 +299,7 @@ PLANTS: dict[str, Plant] = {
         second_removal_missed, SIM, "removed-allocated", (("rmpeer", 1), ("rmpeer", 5)),
         "fix undone: a second removal taken for the first rejoin (`_taken_over`)"),
     "leave_unsynced": Plant(
-        leave_unsynced, SIM, "duplicate", (("operators-heavy", 26),),
+        leave_unsynced, SIM, "duplicate", (("operators-heavy", 48),),
         "fix undone: reset on a restarted node hands on ranges before it heard the ring"),
 }
 
