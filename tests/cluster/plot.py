@@ -15,7 +15,7 @@ from .faults import Fault  # noqa: E402
 from .workload import Op  # noqa: E402
 
 FAULT_COLORS = {"kill": "tab:red", "pause": "tab:orange", "loss": "tab:purple",
-                "partition": "tab:blue", "rmpeer": "black"}
+                "partition": "tab:blue", "rmpeer": "black", "starve": "tab:olive"}
 
 
 STYLES = ["-", "--", "-.", ":", (0, (5, 1))]
