@@ -59,7 +59,7 @@ class ConnConfig:
     # the handshake's own hard timeout, a multiple of handshake_timeout: the mesh's
     # liveness timer enforces handshake_timeout itself, not counting time our own event
     # loop was stalled; this only bounds a handshake if that timer could not run
-    handshake_backstop: float = 3.0
+    handshake_backstop: float = 4.0
     # derived from --password (crypto.Keyring): None means plaintext peers only
     keys: crypto.Keyring | None = field(default=None, repr=False)
 
@@ -367,10 +367,12 @@ class Connection:
 def tune_socket(writer: asyncio.StreamWriter, dead_timeout: float) -> None:
     """Let the kernel notice a dead host or a cut link: keepalive probes on an idle
     connection, and ``TCP_USER_TIMEOUT`` to give up once sent data or probes have gone
-    unacknowledged for ``dead_timeout``.  The peer's kernel answers probes even while its
-    daemon is stopped or starved of CPU, so only the network or the host failing counts;
-    and it costs our process nothing per connection.  Silently skipped where the options
-    do not exist (the liveness timer's deadlines still apply)."""
+    unacknowledged.  The kernel checks that limit only when it retransmits, at doubling
+    intervals, so a limit of just over half ``dead_timeout`` ends a dead link by about
+    ``dead_timeout``.  The peer's kernel answers even while its daemon is stopped or
+    starved of CPU, so only the network or the host failing counts; and it costs our
+    process nothing per connection.  Skipped where the options do not exist (the
+    liveness timer's deadlines still apply)."""
     sock = writer.get_extra_info("socket")
     if sock is None:
         return
@@ -379,7 +381,7 @@ def tune_socket(writer: asyncio.StreamWriter, dead_timeout: float) -> None:
             (socket.IPPROTO_TCP, "TCP_KEEPIDLE", idle),
             (socket.IPPROTO_TCP, "TCP_KEEPINTVL", idle),
             (socket.IPPROTO_TCP, "TCP_KEEPCNT", max(1, round(dead_timeout / idle))),
-            (socket.IPPROTO_TCP, "TCP_USER_TIMEOUT", max(1, round(dead_timeout * 1000)))]
+            (socket.IPPROTO_TCP, "TCP_USER_TIMEOUT", max(1, round(dead_timeout * 560)))]
     for level, name, value in opts:
         opt = getattr(socket, name, None)
         if opt is None:

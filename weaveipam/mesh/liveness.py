@@ -19,7 +19,9 @@ Late is not dead: a deadline only counts time in which our own event loop ran.  
 timer itself runs late (our process was starved of CPU or stopped), at most
 ``STALL_CREDIT`` checks' worth of the gap counts; what arrived meanwhile is read before
 the next check.  A link that survived a long silence gets ``LATE_FACTOR`` times that
-silence as its deadline from then on.
+silence as its deadline from then on.  A handshake needs both ends' event loops to run,
+so while ours runs late (the machine is short of CPU: the peer's probably is too) its
+deadline stretches with our lateness, up to ``HANDSHAKE_STRETCH`` times.
 
 A heartbeat goes out only on a link where we sent nothing for an interval, and is
 answered only by a peer that sent nothing for ``REPLY_AFTER``, so both ends of a link
@@ -45,6 +47,7 @@ STALL_CREDIT = 2.0   # checks' worth of a late timer's gap that counts as silenc
 LATE_FACTOR = 2.0    # deadline for a link once silent this long: that many times more
 CHECKS_PER_DEADLINE = 4  # checks per shortest deadline: how late a deadline may act
 LAG_SHED = 0.5       # the timer this many periods late: the event loop is overloaded
+HANDSHAKE_STRETCH = 3.0  # a handshake may take this many times longer on a loaded machine
 
 
 class Liveness:
@@ -58,6 +61,7 @@ class Liveness:
         self.period = min(heartbeat, dead_timeout, handshake_timeout) / CHECKS_PER_DEADLINE
         self.last = now
         self.lag = 0.0  # how late the last check ran, in seconds
+        self.lateness = 0.0  # recent lag, in periods (a moving average)
 
     def interval(self, links: int) -> float:
         """Seconds between heartbeats on a silent link, for a node with ``links`` links."""
@@ -75,6 +79,8 @@ class Liveness:
         gap = now - self.last
         prev, self.last = self.last, now
         self.lag = max(0.0, gap - self.period)
+        self.lateness = 0.8 * self.lateness + 0.2 * min(self.lag / self.period, 8.0)
+        handshake = self.handshake_timeout * min(HANDSHAKE_STRETCH, 1.0 + self.lateness)
         credit = min(gap, STALL_CREDIT * self.period)  # our own stall is not their silence
         interval = self.interval(established)
         base = max(self.dead_timeout, MISSED * interval)
@@ -83,8 +89,8 @@ class Liveness:
                 continue
             if conn.state != "established":
                 conn.age += credit
-                if conn.age >= self.handshake_timeout:
-                    conn.handshake_timed_out(self.handshake_timeout)
+                if conn.age >= handshake:
+                    conn.handshake_timed_out(round(handshake, 1))
                 continue
             deadline = min(max(base, LATE_FACTOR * conn.longest_gap), 2 * base)
             if conn.last_rx > prev:
