@@ -59,7 +59,7 @@ class ConnConfig:
     # the handshake's own hard timeout, a multiple of handshake_timeout: the mesh's
     # liveness timer enforces handshake_timeout itself, not counting time our own event
     # loop was stalled; this only bounds a handshake if that timer could not run
-    handshake_backstop: float = 4.0
+    handshake_backstop: float = 8.0
     # derived from --password (crypto.Keyring): None means plaintext peers only
     keys: crypto.Keyring | None = field(default=None, repr=False)
 

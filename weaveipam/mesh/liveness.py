@@ -47,7 +47,7 @@ STALL_CREDIT = 2.0   # checks' worth of a late timer's gap that counts as silenc
 LATE_FACTOR = 2.0    # deadline for a link once silent this long: that many times more
 CHECKS_PER_DEADLINE = 4  # checks per shortest deadline: how late a deadline may act
 LAG_SHED = 0.5       # the timer this many periods late: the event loop is overloaded
-HANDSHAKE_STRETCH = 3.0  # a handshake may take this many times longer on a loaded machine
+HANDSHAKE_STRETCH = 6.0  # a handshake may take this many times longer on a loaded machine
 
 
 class Liveness:
