@@ -23,10 +23,10 @@ silence as its deadline from then on.  A handshake needs both ends' event loops 
 so while ours runs late (the machine is short of CPU: the peer's probably is too) its
 deadline stretches with our lateness, up to ``HANDSHAKE_STRETCH`` times.
 
-A heartbeat goes out only on a link where we sent nothing for an interval, and is
-answered only by a peer that sent nothing for ``REPLY_AFTER``, so both ends of a link
-settle on the shorter of their intervals, and a peer that still beats every second and
-gives up after 5 s (an older version) always hears from us in time.
+A heartbeat goes out only on a link where we sent nothing for an interval, and anything
+received is answered with one by a peer that sent nothing for ``REPLY_AFTER``, so both
+ends of a link settle on the shorter of their intervals, and a peer that still beats
+every second and gives up after 5 s (an older version) always hears from us in time.
 """
 
 from __future__ import annotations

@@ -558,16 +558,18 @@ class Mesh:
         self._wake.set()
 
     async def _on_frame(self, conn: Connection, frame: Frame) -> None:
+        # anything received is a sign of life; if this link has been silent our way, say
+        # something back, so that a peer judging us by its own (maybe shorter, maybe an
+        # older version's 5 s) deadline hears from us in time
+        if self._liveness is not None and asyncio.get_running_loop().time() \
+                - conn.last_tx >= self._liveness.reply_after():
+            conn.send_heartbeat()
         if isinstance(frame, Message):
             await self._handle_message(conn, frame)
         elif isinstance(frame, TopologyFrame):
             self._handle_topology(conn, frame)
         elif isinstance(frame, Heartbeat):
-            # receiving anything counts as a sign of life; answer only if this link is
-            # silent our way, so the peer hears from us before its deadline
-            if self._liveness is not None and asyncio.get_running_loop().time() \
-                    - conn.last_tx >= self._liveness.reply_after():
-                conn.send_heartbeat()
+            pass  # answered above if need be
         elif isinstance(frame, ErrorFrame):
             conn.close(f"peer reported error: {frame.reason!r}", level=logging.WARNING)
         elif isinstance(frame, Hello):
