@@ -482,7 +482,11 @@ async def test_slow_consumer_does_not_block_others(
     await until(lambda: "Slow" in a.downs, timeout=3.0, what="slow peer dropped")
     assert a.reach() == {"B"}
     assert lag < 5.0, lag  # a deadline for a hang, not a speed
-    assert any(why in r.getMessage() and "Slow" in r.getMessage() for r in caplog.records)
+    # a peer that reads nothing is dropped by our no-progress check or, as fast, by the
+    # kernel's TCP_USER_TIMEOUT (tune_socket): either reason names it
+    reasons = [why] if why != "no send progress" else [why, "Connection timed out"]
+    assert any(any(w in r.getMessage() for w in reasons) and "Slow" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records][-5:]
 
 
 async def test_empty_password_is_refused() -> None:

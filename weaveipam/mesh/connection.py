@@ -116,6 +116,10 @@ class Connection:
         # liveness bookkeeping (loop times; the mesh's liveness timer reads and keeps them)
         self.opened_at = asyncio.get_running_loop().time()
         self.last_rx = self.opened_at  # anything received, a chunk of a frame included
+        # receipts so far, and as of the last liveness check: what tells the check that
+        # something arrived (loop times of callbacks in one iteration may not be ordered)
+        self.rx_count = 0
+        self.rx_seen = 0
         self.last_tx = self.opened_at  # anything written to the socket
         self.silent = 0.0  # seconds with nothing received, our own stalls not counted
         self.age = 0.0  # seconds since opened, likewise (for the handshake deadline)
@@ -244,6 +248,7 @@ class Connection:
     # ------------------------------------------------------------------ receiving
 
     def _received(self) -> None:
+        self.rx_count += 1
         self.last_rx = asyncio.get_running_loop().time()
 
     async def _read_loop(self) -> None:
@@ -282,8 +287,11 @@ class Connection:
         except FrameError as exc:
             reason = f"protocol error: {exc}"
             self.close(reason, level=logging.WARNING, farewell=reason)
-        except TimeoutError:
-            self.handshake_timed_out(cfg.handshake_timeout * cfg.handshake_backstop)
+        except TimeoutError as exc:
+            if self.state == "established":  # the kernel gave up (TCP_USER_TIMEOUT)
+                self.close(f"link timed out: {exc!r}", level=logging.WARNING)
+            else:
+                self.handshake_timed_out(cfg.handshake_timeout * cfg.handshake_backstop)
         except asyncio.IncompleteReadError:
             self.close("connection closed by peer")
         except OSError as exc:

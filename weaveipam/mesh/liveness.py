@@ -77,7 +77,7 @@ class Liveness:
 
     def check(self, conns: Iterable[Connection], established: int, now: float) -> None:
         gap = now - self.last
-        prev, self.last = self.last, now
+        self.last = now
         self.lag = max(0.0, gap - self.period)
         self.lateness = 0.8 * self.lateness + 0.2 * min(self.lag / self.period, 8.0)
         handshake = self.handshake_timeout * min(HANDSHAKE_STRETCH, 1.0 + self.lateness)
@@ -93,9 +93,10 @@ class Liveness:
                     conn.handshake_timed_out(round(handshake, 1))
                 continue
             deadline = min(max(base, LATE_FACTOR * conn.longest_gap), 2 * base)
-            if conn.last_rx > prev:
+            if conn.rx_count != conn.rx_seen:  # received since the last check
+                conn.rx_seen = conn.rx_count
                 conn.longest_gap = max(conn.longest_gap, conn.silent)
-                conn.silent = min(now - conn.last_rx, credit)
+                conn.silent = min(max(0.0, now - conn.last_rx), credit)
             else:
                 conn.silent += credit
                 if conn.silent >= deadline:
