@@ -376,7 +376,8 @@ def tune_socket(writer: asyncio.StreamWriter, dead_timeout: float) -> None:
     """Let the kernel notice a dead host or a cut link: keepalive probes on an idle
     connection, and ``TCP_USER_TIMEOUT`` to give up once sent data or probes have gone
     unacknowledged.  The kernel checks that limit only when it retransmits, at doubling
-    intervals, so a limit of just over half ``dead_timeout`` ends a dead link by about
+    intervals (on loopback 0.2, 0.6, 1.4, 3.0, 6.2 s after a send), so a limit of 0.4 times
+    ``dead_timeout`` ends a dead link by about
     ``dead_timeout``.  The peer's kernel answers even while its daemon is stopped or
     starved of CPU, so only the network or the host failing counts; and it costs our
     process nothing per connection.  Skipped where the options do not exist (the
@@ -389,7 +390,7 @@ def tune_socket(writer: asyncio.StreamWriter, dead_timeout: float) -> None:
             (socket.IPPROTO_TCP, "TCP_KEEPIDLE", idle),
             (socket.IPPROTO_TCP, "TCP_KEEPINTVL", idle),
             (socket.IPPROTO_TCP, "TCP_KEEPCNT", max(1, round(dead_timeout / idle))),
-            (socket.IPPROTO_TCP, "TCP_USER_TIMEOUT", max(1, round(dead_timeout * 560)))]
+            (socket.IPPROTO_TCP, "TCP_USER_TIMEOUT", max(1, round(dead_timeout * 400)))]
     for level, name, value in opts:
         opt = getattr(socket, name, None)
         if opt is None:
