@@ -279,7 +279,7 @@ class FaultInjector:
 # ---- CPU starvation ------------------------------------------------------------------------
 
 STARVE_QUOTA = 0.1   # of one CPU, for all daemons together, while a cgroup starves them
-STARVE_STOP = (6.0, 12.0)  # seconds one daemon is stopped: beyond the 5 s of dead_timeout
+STARVE_STOP = (6.0, 9.0)  # seconds one daemon is stopped: beyond the 5 s of dead_timeout
 
 
 def cpu_cgroup() -> tuple[Path, int] | str:
@@ -362,7 +362,7 @@ class CpuQuota:
 
 async def starve(clients: list[NodeClient], f: Fault, rng: random.Random) -> None:
     """Starve the cluster of CPU: either every running daemon in a cgroup sharing
-    STARVE_QUOTA of one CPU for 5 to 12 s, or (picked at random, and always where no cgroup
+    STARVE_QUOTA of one CPU for 4 to 8 s, or (picked at random, and always where no cgroup
     can be made) the fault's one daemon stopped for longer than the heartbeat deadlines.
     Either way the cluster must keep allocating and converge: a late peer is slow, not dead."""
     where = cpu_cgroup()
@@ -376,7 +376,7 @@ async def starve(clients: list[NodeClient], f: Fault, rng: random.Random) -> Non
             for c in clients:
                 if c.node.proc is not None and c.node.running():
                     await asyncio.to_thread(quota.enter, c.node.proc.pid)
-            await asyncio.sleep(rng.uniform(5.0, 12.0))
+            await asyncio.sleep(rng.uniform(4.0, 8.0))
         finally:
             await asyncio.to_thread(quota.leave)
         return
