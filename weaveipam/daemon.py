@@ -51,6 +51,12 @@ STORE_FILE = "ipam.db"
 LOCK_FILE = "lock"
 SOCKET_RECORD = "api-socket"  # the socket's path, for clients given only --data-dir
 TICK = 0.1
+# Idle (ready, nothing waiting, nothing but anti-entropy digests for IDLE_AFTER seconds),
+# the allocator's clock ticks every IDLE_TICK instead: its only periodic work then is a
+# digest every few seconds, and ten ticks a second were a third of an idle daemon's CPU.
+# Any request, reachability change or message that makes work switches back at once.
+IDLE_TICK = 1.0
+IDLE_AFTER = 2.0
 DEFAULT_PORT = 6783
 MESH_STOP_TIMEOUT = 3.0
 REPLY_GRACE = 5.0
@@ -75,8 +81,8 @@ class Config:
     status_addr: tuple[str, int] | None = ("127.0.0.1", 6782)
     op_timeout: float = 30.0
     shutdown_grace: float = 10.0
-    heartbeat: float = 1.0
-    dead_timeout: float = 5.0
+    heartbeat: float = 5.0  # on a silent link, longer with many links (mesh/liveness.py)
+    dead_timeout: float = 5.0  # a dead host or cut link (the kernel's keepalive)
     max_frame: int = 8 << 20
     pod_routes: bool = False  # route other peers' ranges via their node (routes.py)
     # --password: peers authenticate and encrypt; kept out of repr (never logged)
@@ -182,7 +188,8 @@ class Daemon:
         self.direct: list[tuple[str, int]] = []
         self._lock_fd: int | None = None
         self._closed = False  # after shutdown drained the pipeline: no more engine calls
-        self._seen_conns: set[tuple[str, str, bool]] = set()
+        self._busy_until = 0.0  # monotonic: tick every TICK until then (see IDLE_TICK)
+        self._idle_wait: asyncio.Future[None] | None = None
         self.metrics: Any = None
         self.kube: Any = None  # weaveipam.kube.mode.KubeMode in Kubernetes mode
         self.node_local: Any = None  # weaveipam.cni.nodelocal.NodeLocal: kube-node ranges
@@ -228,6 +235,7 @@ class Daemon:
             raise ApiError("unavailable", self.store_error)
         alloc = self.allocator
         rid = next(self._rids)
+        self._busy()
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._waiters[rid] = fut
         self._deadlines.append((time.monotonic() + self.cfg.op_timeout + REPLY_GRACE, rid))
@@ -528,6 +536,8 @@ class Daemon:
         outs = self.alloc.take_outputs()
         if not outs:
             return
+        if any(not isinstance(o, Send) or o.msg.get("t") != "digest" for o in outs):
+            self._busy()
         records: list[Record] = []
         deliver: list[Reply | Send] = []
         for o in outs:
@@ -592,7 +602,7 @@ class Daemon:
     def _gossip(self, msg: dict[str, Any]) -> None:
         """Push gossip: at most GOSSIP_FANOUT random direct neighbours (as the simulator)."""
         assert self.mesh is not None
-        nbrs = [c.name for c in self.mesh.connections() if c.state == "established" and c.name]
+        nbrs = self.mesh.neighbours()
         if len(nbrs) <= GOSSIP_FANOUT:
             self.mesh.broadcast(msg)
             return
@@ -635,23 +645,38 @@ class Daemon:
 
     def _on_peer_up(self, p: PeerInfo) -> None:
         log.info("peer %s(%s) reachable", p.name, p.nickname)
+        self._busy()
         self._run("peer up", lambda now: self.allocator.peer_up(p.name, p.nickname, now))
 
     def _on_peer_down(self, name: str) -> None:
         log.info("peer %s unreachable", name)
+        self._busy()
         self._run("peer down", lambda now: self.allocator.peer_down(name, now))
 
     # ---- timers ----------------------------------------------------------------------------
 
+    def _busy(self) -> None:
+        """Something happened: tick every TICK for a while (and now, if idling)."""
+        self._busy_until = time.monotonic() + IDLE_AFTER
+        if self._idle_wait is not None and not self._idle_wait.done():
+            self._idle_wait.set_result(None)
+
+    def _idle(self) -> bool:
+        return (time.monotonic() >= self._busy_until and not self._waiters
+                and self.allocator.state() == "ready" and not self.allocator.pending_ops())
+
     async def _ticker(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(TICK)
+            if self._idle():
+                self._idle_wait = wait = loop.create_future()
+                timer = loop.call_later(IDLE_TICK, _wake, wait)
+                await wait
+                timer.cancel()
+            else:
+                await asyncio.sleep(TICK)
             self._run("tick", lambda now: self.allocator.tick(now))
             self._expire_waiters()
-            try:
-                self.poll_connections()
-            except Exception:  # metrics must never stop the allocator's clock
-                log.exception("polling connections failed")
 
     def _expire_waiters(self) -> None:
         """The engine answers every request within op_timeout; this only matters if an
@@ -668,14 +693,10 @@ class Daemon:
                                            "retry"))
 
     def poll_connections(self) -> None:
-        """Count terminated connections for weave_connection_terminations_total.
-
-        The mesh has no termination hook, so established connections are sampled every
-        tick (and at each scrape); one that lived less than a tick may go uncounted."""
-        now = {(c.name, c.address, c.outbound) for c in self.connections()
-               if c.state == "established"}
-        self.conn_terminations += len(self._seen_conns - now)
-        self._seen_conns = now
+        """weave_connection_terminations_total: established connections that ended, as
+        the mesh counts them (read at each scrape)."""
+        if self.mesh is not None:
+            self.conn_terminations = self.mesh.terminations
 
     # ---- stop ------------------------------------------------------------------------------
 
@@ -766,3 +787,8 @@ def _init_text(m: InitMode) -> str:
     if m.kind == "seed":
         return "seed=" + ",".join(m.seeds)
     return m.kind
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

@@ -2,7 +2,9 @@
 partitions, rmpeer of a killed node and its return with its old data (then a fresh reset),
 and what operators and strangers do (issue 9): a restart with another `--ipalloc-init`, the
 data dir or only the store lost (the operator then follows the node's advice), reset refused
-with allocations and forced once the node's pods are gone, forged hellos.
+with allocations and forced once the node's pods are gone, forged hellos; and CPU
+starvation (every daemon in a cgroup with a small CPU quota, or one daemon stopped for
+longer than the heartbeat deadlines).
 
 Two fault lanes run at once; a fault holds the nodes it touches, partitions and rmpeer hold
 the topology, and rmpeer (and the other EXCLUSIVE kinds) hold the whole cluster, so no two
@@ -12,13 +14,17 @@ faults fight over one node.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import json
 import os
 import random
+import secrets
 import signal
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .client import NodeClient
@@ -28,9 +34,10 @@ from .workload import History, Op, Workload
 KINDS = {"kill": 3, "pause": 3, "loss": 2, "partition": 3, "rmpeer": 2,
          # operators and strangers (issue 9)
          "init": 2, "wipe-data": 1, "wipe-store": 1, "reset": 1, "reset-force": 1,
-         "forged-hello": 2}
+         "forged-hello": 2,
+         "starve": 2}  # CPU starvation (issue 13)
 EXCLUSIVE = {"rmpeer", "wipe-data", "wipe-store", "reset-force"}  # hold the whole cluster
-DOWN = {"kill", "pause", "init"}  # take a process down: one at a time
+DOWN = {"kill", "pause", "init", "starve"}  # take a process down: one at a time
 OPERATOR = {"init": "_init", "wipe-data": "_wipe_data", "wipe-store": "_wipe_store",
             "reset": "_reset", "reset-force": "_reset_force", "forged-hello": "_forged_hello"}
 PROBE_TRIES = 3
@@ -207,6 +214,8 @@ class FaultInjector:
                 await self._partition(f, rng)
             elif kind == "rmpeer":
                 await self._rmpeer(f, rng)
+            elif kind == "starve":
+                await starve(self.clients, f, rng)
             elif kind in OPERATOR:
                 await getattr(self, OPERATOR[kind])(f, rng)
         finally:
@@ -543,3 +552,118 @@ class FaultInjector:
                 async with self.cond:
                     self.topo = False
                     self.busy.discard(by_name[third])
+
+
+# ---- CPU starvation ------------------------------------------------------------------------
+
+STARVE_QUOTA = 0.1   # of one CPU, for all daemons together, while a cgroup starves them
+STARVE_STOP = (6.0, 9.0)  # seconds one daemon is stopped: beyond the 5 s of dead_timeout
+
+
+def cpu_cgroup() -> tuple[Path, int] | str:
+    """A writable cgroup hierarchy with the cpu controller, as (mount point, version),
+    or why there is none.  cgroup v2 only where ``cpu`` is already delegated below the
+    root: enabling it there would change the machine for everyone."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError as e:
+        return f"cannot read /proc/self/mountinfo: {e}"
+    why = "no cgroup hierarchy with the cpu controller is mounted"
+    for line in lines:
+        parts = line.split()
+        sep = parts.index("-")
+        fstype, mnt, opts = parts[sep + 1], Path(parts[4]), parts[sep + 3].split(",")
+        if fstype == "cgroup" and "cpu" in opts:
+            version = 1
+        elif fstype == "cgroup2":
+            try:
+                delegated = (mnt / "cgroup.subtree_control").read_text().split()
+            except OSError:
+                continue
+            if "cpu" not in delegated:
+                why = f"cgroup v2 at {mnt} does not delegate the cpu controller"
+                continue
+            version = 2
+        else:
+            continue
+        if not os.access(mnt, os.W_OK):
+            why = f"{mnt} is not writable (needs root)"
+            continue
+        return mnt, version
+    return why
+
+
+class CpuQuota:
+    """A cgroup of our own (``wic-starve-<random>``) with a CPU quota; ``leave`` moves
+    every process back where it was and removes the cgroup, also at exit if a run dies."""
+
+    def __init__(self, mnt: Path, version: int, quota: float) -> None:
+        self.mnt, self.version = mnt, version
+        self.path = mnt / f"wic-starve-{secrets.token_hex(4)}"
+        self.home: dict[int, Path] = {}
+        self.path.mkdir()
+        atexit.register(self.leave)
+        period = 100_000
+        if version == 2:
+            (self.path / "cpu.max").write_text(f"{int(quota * period)} {period}")
+        else:
+            (self.path / "cpu.cfs_period_us").write_text(str(period))
+            (self.path / "cpu.cfs_quota_us").write_text(str(int(quota * period)))
+
+    def _own(self, pid: int) -> Path:
+        """The cgroup of ``pid`` in this hierarchy (v1: the line naming ``cpu``)."""
+        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+            _, ctrls, rel = line.split(":", 2)
+            if (self.version == 2 and ctrls == "") or \
+                    (self.version == 1 and "cpu" in ctrls.split(",")):
+                return self.mnt / rel.lstrip("/")
+        return self.mnt
+
+    def enter(self, pid: int) -> None:
+        with contextlib.suppress(ProcessLookupError, FileNotFoundError):
+            self.home[pid] = self._own(pid)
+            (self.path / "cgroup.procs").write_text(str(pid))
+
+    def leave(self) -> None:
+        for pid, home in list(self.home.items()):
+            with contextlib.suppress(ProcessLookupError, FileNotFoundError, OSError):
+                (home / "cgroup.procs").write_text(str(pid))
+            del self.home[pid]
+        with contextlib.suppress(FileNotFoundError, OSError):
+            for stray in (self.path / "cgroup.procs").read_text().split():
+                # a process that started in here (none should): to the hierarchy's root
+                (self.mnt / "cgroup.procs").write_text(stray)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.rmdir()
+        atexit.unregister(self.leave)
+
+
+async def starve(clients: list[NodeClient], f: Fault, rng: random.Random) -> None:
+    """Starve the cluster of CPU: either every running daemon in a cgroup sharing
+    STARVE_QUOTA of one CPU for 4 to 8 s, or (picked at random, and always where no cgroup
+    can be made) the fault's one daemon stopped for longer than the heartbeat deadlines.
+    Either way the cluster must keep allocating and converge: a late peer is slow, not dead."""
+    where = cpu_cgroup()
+    if isinstance(where, tuple) and rng.random() < 0.6:
+        mnt, version = where
+        quota = await asyncio.to_thread(CpuQuota, mnt, version, STARVE_QUOTA)
+        f.nodes = [c.node.idx for c in clients if c.node.running()]
+        f.detail.update(how="cgroup", quota=STARVE_QUOTA, cgroup=str(quota.path),
+                        version=version)
+        try:
+            for c in clients:
+                if c.node.proc is not None and c.node.running():
+                    await asyncio.to_thread(quota.enter, c.node.proc.pid)
+            await asyncio.sleep(rng.uniform(4.0, 8.0))
+        finally:
+            await asyncio.to_thread(quota.leave)
+        return
+    node = clients[f.nodes[0]].node
+    f.detail["how"] = "sigstop"
+    if isinstance(where, str):
+        f.detail["no_cgroup"] = where
+    node.signal(signal.SIGSTOP)
+    try:
+        await asyncio.sleep(rng.uniform(*STARVE_STOP))
+    finally:
+        node.signal(signal.SIGCONT)

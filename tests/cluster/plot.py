@@ -18,7 +18,8 @@ FAULT_COLORS = {"kill": "tab:red", "pause": "tab:orange", "loss": "tab:purple",
                 "partition": "tab:blue", "rmpeer": "black",
                 # operators and strangers
                 "init": "tab:green", "wipe-data": "tab:brown", "wipe-store": "tab:pink",
-                "reset": "tab:olive", "reset-force": "tab:cyan", "forged-hello": "tab:gray"}
+                "reset": "tab:olive", "reset-force": "tab:cyan", "forged-hello": "tab:gray",
+                "starve": "gold"}
 
 
 STYLES = ["-", "--", "-.", ":", (0, (5, 1))]

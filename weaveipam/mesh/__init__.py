@@ -6,7 +6,8 @@ directly connected) or to ``broadcast`` to direct neighbours, and receives them 
 ``on_message``.  Reachability changes arrive through ``on_peer_up``/``on_peer_down``.
 
 Modules: ``frames`` (wire format, schema checks), ``handshake`` (peer acceptance rules),
-``connection`` (one socket: reader/writer tasks, heartbeats, bounded send queue),
+``connection`` (one socket: reader/writer tasks, bounded send queue, the kernel's
+keepalive), ``liveness`` (heartbeats and deadlines of every connection from one timer),
 ``topology`` (gossiped peer graph, routes), ``crypto`` (``password=``: an Argon2id
 secret salted by ``cluster=``, an X25519 key exchange authenticated by it, then every
 frame sealed with SecretBox and a per-direction counter nonce; ``second_password=`` is

@@ -1,9 +1,15 @@
-"""One TCP connection to a peer: handshake, reader, writer, heartbeats.
+"""One TCP connection to a peer: handshake, reader, writer, liveness bookkeeping.
 
 Each connection owns a reader task and a writer task.  Everything the mesh sends goes
 through a bounded queue drained by the writer task, so a peer that stops reading can
-only ever fill its own queue (and then gets dropped); nobody else waits on it.  Reads
-are bounded by timeouts, so a peer that goes quiet is dropped too.
+only ever fill its own queue (and then gets dropped); nobody else waits on it.
+
+Liveness costs nothing per frame here: the connection only notes when it last received
+and sent, and the mesh's one liveness timer (``mesh.liveness``) decides about heartbeats
+and deadlines for every connection at once.  A host that dies or a link that is cut is
+noticed by the kernel (TCP keepalive and ``TCP_USER_TIMEOUT``, see ``tune_socket``), which
+answers probes whatever our event loop is doing, so a starved peer is never taken for a
+dead one.  Only the handshake keeps a hard timeout of its own, as a backstop.
 
 Timeouts use ``asyncio.timeout()``, never ``asyncio.wait_for()``: on Python 3.11 the
 latter can swallow a cancellation that races with its own timeout, which would leave a
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -49,6 +56,10 @@ class ConnConfig:
     queue_bytes: int
     max_objects: int = DEFAULT_MAX_OBJECTS
     close_timeout: float = 0.5  # how long a closing socket may take to flush
+    # the handshake's own hard timeout, a multiple of handshake_timeout: the mesh's
+    # liveness timer enforces handshake_timeout itself, not counting time our own event
+    # loop was stalled; this only bounds a handshake if that timer could not run
+    handshake_backstop: float = 8.0
     # derived from --password (crypto.Keyring): None means plaintext peers only
     keys: crypto.Keyring | None = field(default=None, repr=False)
 
@@ -102,6 +113,20 @@ class Connection:
         self._keys = crypto.KeyPair() if config.keys is not None else None
         self._sealer: crypto.Sealer | None = None
         self._opener: crypto.Opener | None = None
+        # liveness bookkeeping (loop times; the mesh's liveness timer reads and keeps them)
+        self.opened_at = asyncio.get_running_loop().time()
+        self.last_rx = self.opened_at  # anything received, a chunk of a frame included
+        # receipts so far, and as of the last liveness check: what tells the check that
+        # something arrived (loop times of callbacks in one iteration may not be ordered)
+        self.rx_count = 0
+        self.rx_seen = 0
+        self.last_tx = self.opened_at  # anything written to the socket
+        self.silent = 0.0  # seconds with nothing received, our own stalls not counted
+        self.age = 0.0  # seconds since opened, likewise (for the handshake deadline)
+        self.stuck = 0.0  # seconds with a write buffer that did not shrink, likewise
+        self.longest_gap = 0.0  # the longest silence seen on this link so far
+        self.write_backlog = 0  # socket write buffer size at the last liveness check
+        tune_socket(writer, config.dead_timeout)
 
     def __repr__(self) -> str:
         who = self.peer.name if self.peer else "?"
@@ -192,54 +217,46 @@ class Connection:
         self._wakeup.set()
         return True
 
+    def send_heartbeat(self) -> None:
+        """Queue a heartbeat (the mesh sends one only on a link that is otherwise silent)."""
+        if self.state == "established":
+            self.send_frame(HEARTBEAT_BYTES)
+
+    def backlog(self) -> int:
+        """Bytes written but not yet taken by the kernel (a peer that reads nothing keeps
+        this from shrinking; the liveness timer drops it after a while)."""
+        return self._writer.transport.get_write_buffer_size()
+
     async def _write_loop(self) -> None:
-        cfg = self._cfg
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 if not self._queue:
                     self._wakeup.clear()
-                    try:
-                        async with asyncio.timeout(cfg.heartbeat):
-                            await self._wakeup.wait()
-                    except TimeoutError:
-                        if self.state == "established":
-                            self._queue.append(self._sealer.seal(HEARTBEAT_BYTES)
-                                               if self._sealer else HEARTBEAT_BYTES)
-                        continue
+                    await self._wakeup.wait()
+                    continue
                 batch = b"".join(self._queue)
                 self._queue.clear()
                 self._queued_bytes = 0
                 self._writer.write(batch)
-                await self._drain()
-        except TimeoutError:
-            self.close(f"peer not reading: no send progress for {cfg.dead_timeout}s",
-                       level=logging.WARNING)
+                self.last_tx = loop.time()
+                if self._writer.transport.get_write_buffer_size():
+                    await self._writer.drain()  # the liveness timer watches for progress
         except (OSError, RuntimeError) as exc:
             self.close(f"write failed: {exc!r}")
 
-    async def _drain(self) -> None:
-        """Wait for the socket buffer to drain, as long as the peer makes progress:
-        a big backlog on a slow link is fine, a peer that reads nothing for
-        ``dead_timeout`` is not (TimeoutError).
-        """
-        transport = self._writer.transport
-        while True:
-            before = transport.get_write_buffer_size()
-            try:
-                async with asyncio.timeout(self._cfg.dead_timeout):
-                    await self._writer.drain()
-                return
-            except TimeoutError:
-                if transport.get_write_buffer_size() >= before:
-                    raise
-
     # ------------------------------------------------------------------ receiving
+
+    def _received(self) -> None:
+        self.rx_count += 1
+        self.last_rx = asyncio.get_running_loop().time()
 
     async def _read_loop(self) -> None:
         cfg = self._cfg
         try:
             # hello, key exchange and authentication together within handshake_timeout
-            async with asyncio.timeout(cfg.handshake_timeout):
+            # (enforced by the mesh's liveness timer; this is the backstop)
+            async with asyncio.timeout(cfg.handshake_timeout * cfg.handshake_backstop):
                 hello = await receive_hello(self._reader, cfg.max_frame,
                                             cfg.handshake_timeout, cfg.max_objects)
                 self.peer = hello
@@ -256,9 +273,12 @@ class Connection:
             self.established_at = asyncio.get_running_loop().time()
             unseal = self._opener.open if self._opener is not None else None
             overhead = crypto.SEAL_OVERHEAD if unseal is not None else 0
+            self._received()
+            received = self._received
             while not self._closing.is_set():
-                frame = await _read_frame(self._reader, cfg.max_frame, cfg.dead_timeout,
-                                          cfg.max_objects, unseal, overhead)
+                # no timeout: silence is judged by the mesh's liveness timer
+                frame = await _read_frame(self._reader, cfg.max_frame, None,
+                                          cfg.max_objects, unseal, overhead, received)
                 await self._handler.on_frame(self, frame)
         except PeerRefused as exc:
             self.close(str(exc), level=logging.WARNING)
@@ -267,12 +287,11 @@ class Connection:
         except FrameError as exc:
             reason = f"protocol error: {exc}"
             self.close(reason, level=logging.WARNING, farewell=reason)
-        except TimeoutError:
-            if self.state == "established":
-                self.close(f"nothing received for {cfg.dead_timeout}s", level=logging.WARNING)
+        except TimeoutError as exc:
+            if self.state == "established":  # the kernel gave up (TCP_USER_TIMEOUT)
+                self.close(f"link timed out: {exc!r}", level=logging.WARNING)
             else:
-                self.close(f"handshake timed out after {cfg.handshake_timeout}s",
-                           level=logging.WARNING, farewell="handshake timeout")
+                self.handshake_timed_out(cfg.handshake_timeout * cfg.handshake_backstop)
         except asyncio.IncompleteReadError:
             self.close("connection closed by peer")
         except OSError as exc:
@@ -280,6 +299,10 @@ class Connection:
         except Exception:  # a bug in our own handling: drop this peer, keep the mesh
             log.exception("unexpected error handling %s", self._describe())
             self.close("internal error", level=logging.ERROR)
+
+    def handshake_timed_out(self, after: float) -> None:
+        self.close(f"handshake timed out after {after:g}s", level=logging.WARNING,
+                   farewell="handshake timeout")
 
     # ------------------------------------------------------------------ encryption
 
@@ -338,7 +361,8 @@ class Connection:
     async def _handshake_frame(self, kind: type[KeyExchange] | type[Auth]
                                ) -> KeyExchange | Auth:
         cfg = self._cfg
-        frame = await _read_frame(self._reader, cfg.max_frame, cfg.handshake_timeout,
+        frame = await _read_frame(self._reader, cfg.max_frame,
+                                  cfg.handshake_timeout * cfg.handshake_backstop,
                                   cfg.max_objects)
         if isinstance(frame, ErrorFrame):
             raise PeerRefused(f"refused by peer: {frame.reason!r}")
@@ -346,3 +370,32 @@ class Connection:
             raise FrameError(f"expected {kind.__name__} in the encryption handshake, got "
                              f"{type(frame).__name__}")
         return frame
+
+
+def tune_socket(writer: asyncio.StreamWriter, dead_timeout: float) -> None:
+    """Let the kernel notice a dead host or a cut link: keepalive probes on an idle
+    connection, and ``TCP_USER_TIMEOUT`` to give up once sent data or probes have gone
+    unacknowledged.  The kernel checks that limit only when it retransmits, at doubling
+    intervals (on loopback 0.2, 0.6, 1.4, 3.0, 6.2 s after a send), so a limit of 0.4 times
+    ``dead_timeout`` ends a dead link by about
+    ``dead_timeout``.  The peer's kernel answers even while its daemon is stopped or
+    starved of CPU, so only the network or the host failing counts; and it costs our
+    process nothing per connection.  Skipped where the options do not exist (the
+    liveness timer's deadlines still apply)."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return
+    idle = max(1, round(dead_timeout / 5))
+    opts = [(socket.SOL_SOCKET, "SO_KEEPALIVE", 1),
+            (socket.IPPROTO_TCP, "TCP_KEEPIDLE", idle),
+            (socket.IPPROTO_TCP, "TCP_KEEPINTVL", idle),
+            (socket.IPPROTO_TCP, "TCP_KEEPCNT", max(1, round(dead_timeout / idle))),
+            (socket.IPPROTO_TCP, "TCP_USER_TIMEOUT", max(1, round(dead_timeout * 400)))]
+    for level, name, value in opts:
+        opt = getattr(socket, name, None)
+        if opt is None:
+            continue
+        try:
+            sock.setsockopt(level, opt, value)
+        except OSError as exc:  # e.g. a unix socket in a test double
+            log.debug("cannot set %s on a peer socket: %s", name, exc)

@@ -460,21 +460,28 @@ def encode(frame: Frame) -> bytes:
 HEARTBEAT_BYTES = encode(Heartbeat())
 
 
-async def read_frame(reader: asyncio.StreamReader, max_frame: int, idle_timeout: float,
-                     max_objects: int = DEFAULT_MAX_OBJECTS,
-                     unseal: Callable[[bytes], bytes] | None = None, overhead: int = 0
-                     ) -> Frame:
+async def read_frame(reader: asyncio.StreamReader, max_frame: int,
+                     idle_timeout: float | None, max_objects: int = DEFAULT_MAX_OBJECTS,
+                     unseal: Callable[[bytes], bytes] | None = None, overhead: int = 0,
+                     received: Callable[[], None] | None = None) -> Frame:
     """Read one frame.  The length is checked against ``max_frame`` (+ ``overhead``, the
     sealing overhead on an encrypted connection) before any body byte is read, and every
     chunk must arrive within ``idle_timeout`` (so a trickling peer cannot hold a read
     open forever).  ``unseal`` (encrypted connections) turns the read bytes into the
     plaintext body, raising FrameError for a forged, tampered or replayed frame.
+    ``idle_timeout`` None waits for ever (an established connection, whose silence the
+    mesh judges); ``received`` is then called whenever bytes arrive, a chunk included.
 
     Raises FrameError for protocol violations, TimeoutError when the peer goes quiet,
     asyncio.IncompleteReadError on EOF at a frame boundary.
     """
-    async with asyncio.timeout(idle_timeout):
+    if idle_timeout is None:
         header = await reader.readexactly(HEADER_LEN)
+    else:
+        async with asyncio.timeout(idle_timeout):
+            header = await reader.readexactly(HEADER_LEN)
+    if received is not None:
+        received()
     length = int.from_bytes(header, "big")
     if length == 0:
         raise FrameError("zero-length frame")
@@ -488,6 +495,8 @@ async def read_frame(reader: asyncio.StreamReader, max_frame: int, idle_timeout:
         if not chunk:
             raise FrameError(f"connection closed mid-frame ({len(body)}/{length} bytes)")
         body += chunk
+        if received is not None:
+            received()
     data = bytes(body)
     if unseal is not None:
         data = unseal(data)

@@ -42,12 +42,27 @@ from .frames import (
     encode_payload,
 )
 from .handshake import Verdict, judge, keep_new
+from .liveness import Liveness
 from .topology import Topology
 
 log = logging.getLogger("weaveipam.mesh")
 
 INITIAL_BACKOFF = 0.2
 MAX_BACKOFF = 30.0
+# a connection must have lasted this long for its redial to start from INITIAL_BACKOFF
+# again; one that keeps failing soon after its handshake backs off like a failed dial
+STABLE_AFTER = 10.0
+# handshakes in progress at once: at most this many dials of ours, and this many
+# inbound ones in all (besides max_per_ip per address); a handshake costs a task, a
+# socket and, with a password, key agreement: a starting cluster must not drown in them
+MAX_DIALS = 8
+MAX_INBOUND_HANDSHAKES = 32
+# periodic full topology goes to this many random neighbours per gossip_interval: it
+# only repairs what a lost delta left behind, so its cost must not grow with N
+REPAIR_FANOUT = 1
+# a simultaneous dial by both ends is settled by the tie-break while the first
+# connection is younger than this; later, the established connection simply stays
+TIE_WINDOW = 1.0
 _TOPO_CHUNK = 64  # entries per topology frame (split further if a chunk is too big)
 # our own entry changes with every connection made or lost; changes this close together
 # go out as one (a starting mesh makes dozens a second)
@@ -135,10 +150,10 @@ class Mesh:
         on_message: Callable[[str, dict[str, Any]], None],
         on_peer_up: Callable[[PeerInfo], None],
         on_peer_down: Callable[[str], None],
-        heartbeat: float = 1.0,
+        heartbeat: float = 5.0,
         dead_timeout: float = 5.0,
         handshake_timeout: float = 5.0,
-        gossip_interval: float = 10.0,
+        gossip_interval: float = 30.0,
         forget_after: float = 60.0,
         max_frame: int = 8 << 20,
         max_objects: int = DEFAULT_MAX_OBJECTS,
@@ -169,8 +184,8 @@ class Mesh:
             raise MeshError(f"bad listen port {port!r}")
         if conn_limit < 1:
             raise MeshError("conn_limit must be at least 1")
-        if not 0 < heartbeat < dead_timeout:
-            raise MeshError("need 0 < heartbeat < dead_timeout")
+        if not (heartbeat > 0 and dead_timeout > 0 and handshake_timeout > 0):
+            raise MeshError("heartbeat, dead_timeout and handshake_timeout must be positive")
         if max_frame < 1024:
             raise MeshError("max_frame must be at least 1024 bytes")
         self._name = name
@@ -207,6 +222,9 @@ class Mesh:
         self._next_hop: dict[str, str] = {}
         self._unreachable_since: dict[str, float] = {}
         self._server: asyncio.Server | None = None
+        self._liveness: Liveness | None = None
+        #: established connections that have ended (weave_connection_terminations_total)
+        self.terminations = 0
         self._own_timer: asyncio.TimerHandle | None = None
         self._listen_port: int | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -251,8 +269,11 @@ class Mesh:
             raise MeshError(f"cannot listen on {self._host}:{self._port}: {exc}") from exc
         self._listen_port = int(self._server.sockets[0].getsockname()[1])
         self._started = True
+        self._liveness = Liveness(self._cfg.heartbeat, self._cfg.dead_timeout,
+                                  self._handshake_timeout, asyncio.get_running_loop().time())
         self._loops = [self._spawn(self._maker_loop(), "mesh-maker"),
-                       self._spawn(self._gossip_loop(), "mesh-gossip")]
+                       self._spawn(self._gossip_loop(), "mesh-gossip"),
+                       self._spawn(self._liveness_loop(), "mesh-liveness")]
         log.info("mesh %s(%s) listening on %s:%d", self._name, self._nickname, self._host,
                  self._listen_port)
 
@@ -332,6 +353,16 @@ class Mesh:
         body = encode_payload(payload)
         for name, conn in list(self._established.items()):
             conn.send_frame(self._message(name, 1, body))
+
+    def neighbours(self) -> list[str]:
+        """Names of the peers we have an established connection to."""
+        return [name for name, conn in self._established.items() if not conn.closing]
+
+    @property
+    def overloaded(self) -> bool:
+        """Our event loop ran late at the last liveness check: work is arriving faster
+        than it is done, so optional work (periodic repair) waits."""
+        return self._liveness is not None and self._liveness.overloaded
 
     def reachable(self) -> list[PeerInfo]:
         """Peers we can currently reach, directly or through relays."""
@@ -432,6 +463,10 @@ class Mesh:
                            farewell="too many connections from your address")
             elif len(self._conns) - 1 + self._dialling() >= self._conn_limit:
                 conn.close("connection limit reached", farewell="connection limit reached")
+            elif self._handshakes(inbound=True) > MAX_INBOUND_HANDSHAKES:
+                conn.close(f"busy: {MAX_INBOUND_HANDSHAKES} handshakes in progress, refusing "
+                           "this one (it is redialled later)",
+                           farewell="busy: too many handshakes in progress, retry later")
             try:
                 await conn.run()
             finally:
@@ -441,6 +476,15 @@ class Mesh:
 
     def _dialling(self) -> int:
         return sum(1 for t in self._targets.values() if t.dialling)
+
+    def _handshakes(self, inbound: bool) -> int:
+        """Connections of ours (or, ``inbound``, of others) still in the handshake, and
+        for ours also the dials still connecting."""
+        if inbound:
+            return sum(1 for c in self._conns
+                       if not c.outbound and c.state == "pending" and not c.closing)
+        return sum(1 for t in self._targets.values() if t.task is not None and (
+            t.dialling or (t.conn is not None and t.conn.state == "pending")))
 
     def _on_hello(self, conn: Connection, hello: Hello) -> None:
         """Handshake policy: refuse ourselves, clones of our name, and the losing half
@@ -475,8 +519,7 @@ class Mesh:
                 return
             # the same peer process dialled twice: a simultaneous dial is settled the same
             # way at both ends; later, the established connection simply stays
-            young = asyncio.get_running_loop().time() - existing.established_at \
-                < self._cfg.heartbeat
+            young = asyncio.get_running_loop().time() - existing.established_at < TIE_WINDOW
             if not young or not keep_new(existing.identity(), conn.identity()):
                 conn.close(f"duplicate connection to {hello.name}: keeping the other one")
                 return
@@ -504,6 +547,8 @@ class Mesh:
     def _conn_closed(self, conn: Connection) -> None:
         self._conns.discard(conn)
         peer = conn.peer
+        if conn.was_established:
+            self.terminations += 1
         if peer is not None and self._established.get(peer.name) is conn:
             del self._established[peer.name]
             if not self._stopping:
@@ -513,12 +558,18 @@ class Mesh:
         self._wake.set()
 
     async def _on_frame(self, conn: Connection, frame: Frame) -> None:
+        # anything received is a sign of life; if this link has been silent our way, say
+        # something back, so that a peer judging us by its own (maybe shorter, maybe an
+        # older version's 5 s) deadline hears from us in time
+        if self._liveness is not None and asyncio.get_running_loop().time() \
+                - conn.last_tx >= self._liveness.reply_after():
+            conn.send_heartbeat()
         if isinstance(frame, Message):
             await self._handle_message(conn, frame)
         elif isinstance(frame, TopologyFrame):
             self._handle_topology(conn, frame)
         elif isinstance(frame, Heartbeat):
-            pass  # receiving anything already reset the read timeout
+            pass  # answered above if need be
         elif isinstance(frame, ErrorFrame):
             conn.close(f"peer reported error: {frame.reason!r}", level=logging.WARNING)
         elif isinstance(frame, Hello):
@@ -716,9 +767,20 @@ class Mesh:
                 self._call("on_peer_up", self._on_peer_up, info)
         return {p.name for p in ups}
 
+    async def _liveness_loop(self) -> None:
+        """Heartbeats and deadlines for every connection (see ``liveness``)."""
+        live = self._liveness
+        assert live is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(live.period)
+            live.check(list(self._conns), len(self._established), loop.time())
+
     async def _gossip_loop(self) -> None:
-        """Periodic full gossip repairs anything a lost delta left behind; also forgets
-        peers that have been unreachable for ``forget_after`` seconds.
+        """Periodic full gossip to REPAIR_FANOUT random neighbours repairs anything a lost
+        delta left behind (skipped while the event loop is overloaded: changes are still
+        sent as they happen); also forgets peers that have been unreachable for
+        ``forget_after`` seconds.
         """
         loop = asyncio.get_running_loop()
         while True:
@@ -734,7 +796,12 @@ class Mesh:
                 self._topo.forget(stale)
                 for name in stale:
                     del self._unreachable_since[name]
-            self._gossip(self._gossipable())
+            nbrs = [c for c in self._established.values() if not c.closing]
+            if nbrs and not self.overloaded:
+                frames = self._topology_frames(self._gossipable())
+                for conn in self._rng.sample(nbrs, min(REPAIR_FANOUT, len(nbrs))):
+                    for data in frames:
+                        conn.send_frame(data)
 
     # ================================================================== dialling
 
@@ -764,6 +831,7 @@ class Mesh:
                 self._targets[key] = _Target(key[0], key[1], explicit=False, peer_name=name)
         busy = {t.peer_name for t in self._targets.values() if t.task is not None}
         count = len(self._conns) + self._dialling()
+        handshakes = self._handshakes(inbound=False)
         wake = now + MAX_BACKOFF
         for t in sorted(self._targets.values(), key=lambda t: (not t.explicit, t.next_try)):
             if t.task is not None or t.to_self:
@@ -776,6 +844,9 @@ class Mesh:
                 continue
             if not t.explicit and count >= self._conn_limit:
                 continue
+            if handshakes >= MAX_DIALS:
+                break  # woken again when one of them is done
+            handshakes += 1
             t.dialling = True
             t.task = self._spawn(self._dial(t), f"mesh-dial {t.address}")
             count += 1
@@ -819,7 +890,8 @@ class Mesh:
                 t.last_error = "connected to ourselves"
                 log.info("peer %s is ourselves: not dialling it again", t.address)
                 return
-            if conn.was_established:
+            if conn.was_established and asyncio.get_running_loop().time() \
+                    - conn.established_at >= STABLE_AFTER:
                 t.backoff = INITIAL_BACKOFF
             self._retry_later(t, conn.close_reason)
         finally:
