@@ -164,10 +164,12 @@ def test_routes_follow_the_ring(nodes: list[ChaosNode]) -> None:
                            if any(s <= int(ipaddress.ip_address(a)) < e for s, e in grown))
         api(n0, "DELETE", f"/ip/{ident}")
         pod_ns, pod_addr = pod_add(n0, h, addr)
-        wait_for(lambda: any(r.endswith(f"via {n0.addr}") and
-                             ipaddress.ip_address(pod_addr) in
-                             ipaddress.ip_network(r.split()[0]) for r in routes(n1)),
-                 timeout=10, what="node1 routes the donated range via node0")
+        for other in (n1, n2):  # both peers: the answer to node2's pod comes back too
+            wait_for(lambda o=other: any(r.endswith(f"via {n0.addr}") and
+                                         ipaddress.ip_address(pod_addr) in
+                                         ipaddress.ip_network(r.split()[0])
+                                         for r in routes(o)),
+                     timeout=10, what=f"{other.nickname} routes the donated range via node0")
         ping(pods[1][0], pod_addr)
         ping(pod_ns, pods[2][1])
 

@@ -43,7 +43,7 @@ def test_rates_are_deterministic_per_seed_and_grow_with_the_cluster() -> None:
 
 def test_cost_model_uses_real_frames_and_the_mesh_settings() -> None:
     s = meshcost.MeshSettings.defaults()
-    assert 0 < s.heartbeat < s.dead_timeout
+    assert 0 < s.heartbeat <= s.dead_timeout  # the mesh drops a peer only after several
     # one more neighbour costs one encoded Neighbour in the entry (past msgpack's small
     # array sizes, whose header is a byte shorter)
     step = meshcost.entry_bytes(21) - meshcost.entry_bytes(20)

@@ -27,6 +27,9 @@ log = logging.getLogger("weaveipam.kube")
 COUNT_RETRY_MAX = 10.0
 
 
+COUNT_FILE = "kube-consensus"  # in the data dir: the Node count of the first start
+
+
 class KubeMode:
     def __init__(self, d: Daemon, s: KubeSettings) -> None:
         self.d = d
@@ -45,6 +48,18 @@ class KubeMode:
             return
         from ..node import StartupError
 
+        # the count of a start that got no ring yet (nothing allocated from the ring): kept,
+        # so a restart, also with the API server down, decides with the same number
+        kept = cfg.data_dir / COUNT_FILE
+        try:
+            n = int(kept.read_text().strip())
+        except (OSError, ValueError):
+            n = 0
+        if n > 0:
+            cfg.init = InitMode("consensus", n)
+            self.init_source = f"the number of Node objects ({n}) counted at the first start"
+            log.info("consensus=%d: %s (%s)", n, self.init_source, kept)
+            return
         delay = 0.5
         while True:
             try:
@@ -62,6 +77,8 @@ class KubeMode:
         self.counting = None
         cfg.init = InitMode("consensus", max(n, 1))
         self.init_source = f"the number of Node objects ({n}) at first start"
+        with contextlib.suppress(OSError):  # without it a restart counts again
+            kept.write_text(f"{max(n, 1)}\n")
         log.info("consensus=%d: %s", max(n, 1), self.init_source)
 
     def start(self) -> None:

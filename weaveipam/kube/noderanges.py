@@ -13,10 +13,12 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..core.addr import CIDR, AddrError
-from .reconcile import NodeInfo
+
+if TYPE_CHECKING:  # the reconciler is imported only in Kubernetes mode (start-up cost)
+    from .reconcile import NodeInfo
 
 KEYS = ("ranges", "annotation", "ipv4-namespaces")
 _NAME = r"[a-z0-9A-Z]([-a-z0-9A-Z_.]{0,61}[a-z0-9A-Z])?"
