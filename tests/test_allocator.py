@@ -33,10 +33,11 @@ A, B, C = "peer-a", "peer-b", "peer-c"  # sorted: the heir of C is A, of A is B
 
 class Node:
     def __init__(self, name: str, init: str, now: float, disk: Snapshot | None = None,
-                 auto_prime: bool = False, expect_peers: bool = False) -> None:
+                 auto_prime: bool = False, expect_peers: bool = False,
+                 universe: CIDR = RANGE) -> None:
         self.name = name
         self.disk = copy.deepcopy(disk) if disk is not None else Snapshot()
-        self.alloc = Allocator(name=name, nickname=name[-1], universe=RANGE,
+        self.alloc = Allocator(name=name, nickname=name[-1], universe=universe,
                                init=InitMode.parse(init), rng=random.Random(name), now=now,
                                snapshot=copy.deepcopy(disk), auto_prime=auto_prime,
                                expect_peers=expect_peers)
@@ -400,6 +401,53 @@ def test_a_wiped_node_that_seeds_the_same_ring_again_still_sees_its_lost_state()
     assert r is None or r.error is not None, r  # never an address
     assert w.nodes[A].alloc.state() == "lost-state"
     assert held not in w.nodes[A].alloc.holder
+
+
+def test_a_mark_waiting_for_its_witness_is_not_undone_by_the_free_count_report() -> None:
+    """A small entry (16 addresses): the first allocation marks it used and waits for a
+    peer's confirmation.  The periodic free-count report must not show the entry as
+    untouched meanwhile: it would undo the mark, and mark and report would take turns for
+    ever whenever the confirmation takes longer than the report (no allocation again)."""
+    w = World()
+    small = CIDR.parse("10.32.0.0/27")
+    for n in (A, B):
+        w.nodes[n] = Node(n, f"seed={A},{B}", w.now, universe=small)
+    w.connect(A, B)
+    tok = next(t for t, e in w.nodes[A].alloc.ring.entries.items() if e[1] == A)
+    size = w.nodes[A].alloc.ring.end_of(tok) - tok
+    assert size <= 16
+    w.lossy.add(frozenset((A, B)))  # the confirmation is slow to come
+    rid = w.call(A, Allocate("pod-a"))
+    w.run_until(2.0)  # several free-count reports
+    assert w.reply(A, rid) is None
+    assert w.nodes[A].alloc.ring.entries[tok][2] < size  # still marked used
+    w.lossy.clear()
+    w.run_until(3.0)
+    assert ok(w, A, rid) is not None
+
+
+def test_a_stopped_heir_takes_nothing_over() -> None:
+    """B lost its data dir and came back under its name: it stops (lost-state).  A is
+    gone and B is A's heir: an rmpeer of A must be refused, not done by a node whose
+    state nobody may trust, and A's ranges stay A's."""
+    w = seeded((A, B, C))
+    ok(w, B, w.call(B, Allocate("pod-b")))
+    w.cut(A, B)
+    w.cut(B, C)
+    w.nodes.pop(B)
+    w.add(B, f"seed={A},{B},{C}")  # fresh state, the same name
+    w.connect(B, C)
+    w.run_until(3.0)
+    assert w.nodes[B].alloc.state() == "lost-state"
+    w.cut(A, C)
+    w.nodes.pop(A)
+    w.links = {link for link in w.links if A not in link}
+    rid = w.call(C, RmPeer(A))
+    w.run_until(8.0)
+    r = w.reply(C, rid)
+    assert r is not None and r.error is not None, r
+    assert "cannot take ranges over now" in r.error.message
+    assert A in owners(w.nodes[C]).values()
 
 
 def test_a_restarted_node_with_an_in_sync_peer_allocates_without_waiting() -> None:

@@ -104,3 +104,21 @@ def test_thousand_nodes_join_a_ring_seeded_by_three() -> None:
     s = run(3, 1, 20, False, consensus=3, join=997)
     assert s["violations"] == 0, s
     assert s["nodes"] == 1000
+
+
+def test_nothing_a_node_sent_arrives_after_it_crashed() -> None:
+    """A message still in flight when its sender crashes is lost with the connection, as
+    on a real network: delivered later, it made the crashed peer reachable again to its
+    receiver, with no peer_down ever to follow (rmpeers of it were then refused for ever)."""
+    from weaveipam.sim.cluster import Faults, Simulator
+
+    sim = Simulator(nodes=3, seed=1, faults=Faults(latency=(0.05, 0.05)))
+    for _ in range(30):  # the ring is seeded and spread
+        sim.step(faults=False, traffic=False)
+    a, b = sim.nodes[0], sim.nodes[1]
+    assert b.alloc is not None and a.name in b.alloc.reachable()
+    sim._enqueue(a.idx, b.idx, {"t": "digest", "d": 1})
+    sim._crash(a)
+    assert a.name not in b.alloc.reachable()
+    sim.step(faults=False, traffic=False)  # past the message's latency
+    assert a.name not in b.alloc.reachable()

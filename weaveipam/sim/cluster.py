@@ -33,8 +33,6 @@ from ..core.allocator import (
 from ..core.records import Snapshot
 from .wire import transit
 
-DEBUG_EVENTS = False  # record every allocator event, not only errors (debugging a seed)
-
 
 @dataclass
 class Faults:
@@ -198,7 +196,7 @@ class Simulator:
                 self._send(n, o)
             elif isinstance(o, Reply):
                 acked = self._on_reply(n, o) or acked
-            elif isinstance(o, Event) and (o.level == "error" or DEBUG_EVENTS):
+            elif isinstance(o, Event) and o.level == "error":
                 self.events.append(f"{self.now:.1f} {n.name}: {o.text}")
         self._reindex(n)
         if acked and self.faulting and self.faults.reply_crash \

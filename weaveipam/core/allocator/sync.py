@@ -230,10 +230,7 @@ class RingSync(Takeover):
 
     def _merge(self, sender: str, r: Ring, full: bool, ae: bool, ok: bool) -> str | None:
         was_empty = self.ring.is_empty()
-        # a fresh node that seeded its own ring and handed nothing out yet may meet its
-        # predecessor's writes: that is lost state (checked below), not another daemon
-        trusted = self.synced and not self.vetting and (
-            self.restored or self.vetted and bool(self.witness_asked or self.allocs))
+        trusted = self.synced and not self.vetting and (self.restored or self.vetted)
         foreign = self._foreign_writes(r) if trusted and not self.fault else []
         res = self.ring.merge(r)
         if isinstance(res, RingError):
@@ -309,11 +306,6 @@ class RingSync(Takeover):
             self._stop("removed", f"this peer was removed with rmpeer; its ranges now belong "
                        f"to {heir}. Run `weaveipam reset` on this host to rejoin with fresh "
                        "state (its pods need new addresses)")
-        if res and self.vetted and not (self.vetting or self.fault or self.witness_asked):
-            # vetted without a poll (we seeded the ring ourselves: a fresh cluster, or the
-            # same seeds as the cluster's) and nothing handed out yet: entries under our
-            # name that the cluster's ring shows in use are a predecessor's (lost_state)
-            self._check_lost_state()
         if was_empty or self.space.owned_size() != before:
             self._persist_ring()
         if was_empty:
