@@ -10,12 +10,14 @@ plant fails loudly instead of planting nothing.
 are the pinned simulator runs, (configuration, seed) as `sim_run` spells them out, on which
 the checker reports `kind` with the plant in, and no violation without it;
 tests/test_plants.py asserts both for every entry.  A plant checked by another checker has
-no runs (`weave_paxos_rule`: the Paxos safety property of tests/test_paxos.py).
+no runs (`weave_paxos_rule`: the Paxos safety property of tests/test_paxos.py; issue 9's
+plants: an allocator rule of tests/test_allocator.py each, test_plants.RULES).
 """
 
 from __future__ import annotations
 import __future__
 
+import contextlib
 import inspect
 import sys
 import textwrap
@@ -34,15 +36,19 @@ from weaveipam.core.paxos import NONE, Paxos, ProposalID
 from weaveipam.core.records import PutAllocation
 
 
-def undo(cls: type, method: str, fixed: str, broken: str) -> AbstractContextManager[Any]:
-    """Patch `cls.method` with its own source, the text `fixed` replaced by `broken`."""
+def undo(cls: type, method: str, fixed: str, broken: str,
+         *more: tuple[str, str]) -> AbstractContextManager[Any]:
+    """Patch `cls.method` with its own source, the text `fixed` replaced by `broken` (and
+    each further (fixed, broken) pair of `more`)."""
     fn = cls.__dict__[method]
     src = textwrap.dedent(inspect.getsource(fn))
-    if src.count(fixed) != 1:
-        raise AssertionError(f"plant out of date: {fixed!r} is not in "
-                             f"{cls.__name__}.{method} exactly once")
+    for f, b in ((fixed, broken), *more):
+        if src.count(f) != 1:
+            raise AssertionError(f"plant out of date: {f!r} is not in "
+                                 f"{cls.__name__}.{method} exactly once")
+        src = src.replace(f, b)
     ns = dict(vars(sys.modules[fn.__module__]))
-    exec(compile(src.replace(fixed, broken), f"<plant of {cls.__name__}.{method}>", "exec",
+    exec(compile(src, f"<plant of {cls.__name__}.{method}>", "exec",
                  flags=__future__.annotations.compiler_flag, dont_inherit=True), ns)
     return mock.patch.object(cls, method, ns[method])
 
@@ -204,8 +210,9 @@ def witness_remark_skipped() -> AbstractContextManager[Any]:
     """Undoes the re-mark in `_witnessed`: an entry emptied (and shown as untouched) and
     used again is not marked used again, so a successor that lost the data dir finds it
     untouched and hands out addresses its pods hold."""
-    return undo(Requests, "_witnessed", "if t in self.witnessed and not untouched:",
-                 "if t in self.witnessed:")
+    return undo(Requests, "_witnessed",
+                "if w is not None and w in (target, self._witness()) and not untouched:",
+                "if w is not None and w in (target, self._witness()):")
 
 
 def leave_unsynced() -> AbstractContextManager[Any]:
@@ -220,6 +227,54 @@ def free_counts_unvetted() -> AbstractContextManager[Any]:
     a wiped node reusing its name is not stopped.  Not caught yet (UNCAUGHT)."""
     return undo(Allocator, "tick", "elif now >= self.next_gossip and self.synced and "
                 "not self.fault:", "elif now >= self.next_gossip:")
+
+
+def seeds_alone_after_wait() -> AbstractContextManager[Any]:
+    """Undoes issue 9's fix in `_clear_to_seed`: a node given peers, none of them
+    reachable, seeds a ring of its own after 5 s (as before).  A node whose data dir was
+    lost, back alone in a partition with `consensus=1`, then hands out addresses the
+    cluster's ring holds.  Caught by the simulator: `duplicate`."""
+    return undo(Seeding, "_clear_to_seed",
+                "return not (self.expect_peers or self.peers)",
+                "return self.now >= self.sync_deadline - 5.0")  # ~5 s after the start
+
+
+@contextmanager
+def witness_any_peer() -> Iterator[None]:
+    """Undoes issue 9's fix to the "in use" witness: any reachable peer confirms a mark
+    (as before), not our heir, so when every peer holding the mark is down, wiped or cut
+    off, a node back without its data finds its entries untouched and re-issues their
+    addresses.  Caught by an allocator rule (tests/test_plants.py RULES)."""
+    def anyone(self: Any) -> str | None:
+        live = sorted(self.reachable())
+        return self.rng.choice(live) if live and self._witness() else self._witness()
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(Requests, "_witness_target", anyone))
+        stack.enter_context(undo(
+            Requests, "_witnessed", "if w is not None and w in (target, self._witness()) "
+            "and not untouched:", "if w is not None and not untouched:"))
+        stack.enter_context(undo(
+            RingSync, "_on_used_ok",
+            "if sender not in (self._witness(), self._witness_target()):", "if False:"))
+        yield
+
+
+def grant_unwitnessed() -> AbstractContextManager[Any]:
+    """Undoes issue 9's fix in `_donate`: a grant goes to its receiver at once, before the
+    donor's heir holds it.  With the receiver down, an heir taking the donor's ranges over
+    (rmpeer), or the donor back without its data, takes the piece as the donor's: two
+    owners.  Caught by the simulator: `double-owner`."""
+    return undo(Requests, "_donate", "if heir is None:", "if True:")
+
+
+def stale_count_untouched() -> AbstractContextManager[Any]:
+    """Undoes issue 9's fix in `_untouched`: a free count larger than the entry (a version
+    older than a grant that cut it) counts as untouched, so a node back without its data
+    does not see that its predecessor used the entry.  Caught by the simulator:
+    `duplicate`."""
+    return undo(AllocatorBase, "_untouched", "return bool(self.ring.entries[t][2] == ",
+                "return bool(self.ring.entries[t][2] >= ")
 
 
 class Plant(NamedTuple):
@@ -265,6 +320,7 @@ def sweep(name: str, cfg: str, seeds: Iterable[int]) -> None:
 
 
 SIM = "the simulator (weaveipam/sim)"
+RULE = "an allocator rule (tests/test_allocator.py)"
 
 PLANTS: dict[str, Plant] = {
     "weave_paxos_rule": Plant(
@@ -278,7 +334,7 @@ PLANTS: dict[str, Plant] = {
         lost_on_release, SIM, "lost", (("faults", 1), ("faults", 8)),
         "a release also drops another ident's allocation"),
     "removed_ignores_removal": Plant(
-        removed_ignores_removal, SIM, "removed-allocated", (("rmpeer", 1), ("rmpeer", 2)),
+        removed_ignores_removal, SIM, "removed-allocated", (("rmpeer", 3), ("rmpeer", 4)),
         "a removed node back with its old data ignores its own removal"),
     "freed_on_restart": Plant(
         freed_on_restart, SIM, "duplicate", (("small", 2), ("small", 3)),
@@ -290,17 +346,30 @@ PLANTS: dict[str, Plant] = {
         weave_rmpeer, SIM, "double-owner", (("rmpeer", 6), ("rmpeer", 9)),
         "Weave's rmpeer: whoever runs it is the heir"),
     "joiner_seeds_alone": Plant(
-        joiner_seeds_alone, SIM, "double-owner", (("operators", 76), ("operators", 77)),
+        joiner_seeds_alone, SIM, "double-owner", (("operators", 107), ("operators", 140)),
         "a joiner seeds its own ring without hearing its peers"),
     "wiped_name_reused": Plant(
-        wiped_name_reused, SIM, "duplicate", (("operators", 9), ("operators", 1)),
+        wiped_name_reused, SIM, "duplicate", (("operators", 4), ("operators", 6)),
         "a node that lost its data dir reuses its name and is not stopped"),
     "second_removal_missed": Plant(
-        second_removal_missed, SIM, "removed-allocated", (("rmpeer", 1), ("rmpeer", 5)),
+        second_removal_missed, SIM, "removed-allocated", (("rmpeer", 50), ("rmpeer", 66)),
         "fix undone: a second removal taken for the first rejoin (`_taken_over`)"),
     "leave_unsynced": Plant(
-        leave_unsynced, SIM, "duplicate", (("operators-heavy", 48),),
+        leave_unsynced, SIM, "duplicate", (("operators-heavy", 177),),
         "fix undone: reset on a restarted node hands on ranges before it heard the ring"),
+    # issue 9's fixes, each caught always by an allocator rule (tests/test_plants.py RULES)
+    "witness_any_peer": Plant(
+        witness_any_peer, RULE, "rule fails", (),
+        "fix undone: any reachable peer confirms an \"in use\" mark, not the heir"),
+    "grant_unwitnessed": Plant(
+        grant_unwitnessed, RULE, "rule fails", (),
+        "fix undone: a grant reaches its receiver before the donor's heir holds it"),
+    "seeds_alone_after_wait": Plant(
+        seeds_alone_after_wait, RULE, "rule fails", (),
+        "fix undone: a node given peers seeds alone after 5 s when none answers"),
+    "stale_count_untouched": Plant(
+        stale_count_untouched, RULE, "rule fails", (),
+        "fix undone: a free count larger than its entry counts as untouched"),
 }
 
 # Plants no checker catches yet within a reasonable number of seeds (README, "Planted bugs"):

@@ -282,25 +282,28 @@ def test_peers_that_are_each_others_heirs_and_both_gone_are_removed_together() -
 
 
 def test_rmpeer_of_a_name_that_rejoined_takes_what_it_was_given_since() -> None:
-    """C is removed, comes back fresh under its name and is given space by A; B never
-    hears of the grant.  A second rmpeer of C asked on B must not answer "already removed"
-    from B's stale ring: it goes to the heir, which takes C's new space."""
-    w = seeded((A, B, C))
-    w.cut(A, C)
-    w.cut(B, C)
-    ok(w, A, w.call(A, RmPeer(C)))  # A is C's heir; nothing to wait for
+    """C is removed, comes back fresh under its name and is given space by D (its heir);
+    B never hears of the grant (D's own heir, A, does: a grant needs it).  A second rmpeer
+    of C asked on B must not answer "already removed" from B's stale ring: it goes to the
+    heir, which takes C's new space."""
+    d = "peer-d"
+    w = seeded((A, B, C, d))
+    for n in (A, B, d):
+        w.cut(n, C)
+    ok(w, d, w.call(d, RmPeer(C)))  # D is C's heir
     w.run_until(3.0)
     assert C in w.nodes[B].alloc.ring.removed
     w.nodes.pop(C)
-    w.add(C, f"seed={A},{B},{C}")  # fresh state, the same name
+    w.add(C, f"seed={A},{B},{C},{d}")  # fresh state, the same name
     w.lossy.add(frozenset((A, B)))  # B hears nothing of what follows
-    w.connect(A, C)
+    w.lossy.add(frozenset((d, B)))
+    w.connect(d, C)
     rid = w.call(C, Allocate("pod-c"))
     w.run_until(10.0)
     got = ok(w, C, rid)
-    assert w.nodes[A].alloc.ring.owner(got) == C
+    assert w.nodes[d].alloc.ring.owner(got) == C
     assert w.nodes[B].alloc.ring.owner(got) != C  # B's ring is stale
-    w.cut(A, C)
+    w.cut(d, C)
     w.nodes.pop(C)
     w.links = {link for link in w.links if C not in link}
     w.lossy.clear()
@@ -308,7 +311,7 @@ def test_rmpeer_of_a_name_that_rejoined_takes_what_it_was_given_since() -> None:
     w.run_until(14.0)
     res = ok(w, B, rid)
     assert res["moved"] > 0 and not res.get("already"), res
-    assert w.nodes[A].alloc.ring.owner(got) == A
+    assert w.nodes[d].alloc.ring.owner(got) == d
 
 
 # ---- restarts ---------------------------------------------------------------------------
@@ -317,10 +320,11 @@ def test_rmpeer_of_a_name_that_rejoined_takes_what_it_was_given_since() -> None:
 def test_whole_cluster_restart_allocates_after_the_grace_with_what_it_merged() -> None:
     """Restarted with no peer in sync (every node restarted), a node allocates only once
     SYNC_GRACE has passed, then from its ring merged with its peers'."""
-    w = seeded((A, B, C))
+    d = "peer-d"  # C's heir, which must hold C's grant before B does
+    w = seeded((A, B, C, d))
     held = ok(w, A, w.call(A, Allocate("pod-a")))
-    w.cut(A, B)
-    w.cut(A, C)
+    for n in (B, C, d):
+        w.cut(A, n)
     for i in range(80):  # B runs out of its quarter and gets space from C; A hears nothing
         ok(w, B, w.call(B, Allocate(f"pod-b{i}")))
     granted = set(owners(w.nodes[B]).items()) - set(owners(w.nodes[A]).items())
@@ -330,7 +334,7 @@ def test_whole_cluster_restart_allocates_after_the_grace_with_what_it_merged() -
     r = World()  # the whole cluster restarts from disk at t=100; A and B come back
     r.now = 100.0
     for n in (A, B):
-        r.add(n, f"seed={A},{B},{C}", disk=disks[n])
+        r.add(n, f"seed={A},{B},{C},{d}", disk=disks[n])
     r.connect(A, B)
     rid = r.call(A, Allocate("after-restart"))
     r.run_until(109.5)  # SYNC_GRACE is 10 s from the restart
@@ -382,17 +386,41 @@ def test_a_lone_owner_back_with_old_data_hears_its_peers_before_allocating() -> 
     assert ok(r2, A, rid) is not None
 
 
+def test_a_node_given_peers_never_seeds_alone_however_long_none_answers() -> None:
+    """Issue 9, hole 2: B's data dir is lost and it comes back, with peers given and
+    `consensus=1`, cut off from every peer that holds the ring.  Seeding alone would hand
+    out A's addresses from a second ring until the two met; it waits instead, and joins
+    A's ring once it hears A."""
+    w = seeded((A, B))
+    held = ok(w, A, w.call(A, Allocate("pod-a")))
+    w.cut(A, B)
+    w.nodes.pop(B)
+    w.now = 10.0
+    w.add(B, "consensus=1", expect_peers=True)  # fresh, given A, A unreachable
+    rid = w.call(B, Allocate("pod-b"))
+    w.run_until(60.0)
+    b = w.nodes[B].alloc
+    assert b.ring.is_empty()
+    r = w.reply(B, rid)
+    assert r is None or r.error is not None, r
+    w.connect(A, B)
+    w.run_until(62.0)
+    assert b.ring.digest() == w.nodes[A].alloc.ring.digest()
+    assert held not in b.holder
+
+
 def test_a_wiped_node_that_seeds_the_same_ring_again_still_sees_its_lost_state() -> None:
-    """A's data dir is lost and it comes back under its name with `seed=A,B`: it seeds the
-    same ring on its own at once (so it was never polled), then hears B's copy, where its
-    entries are in use.  It must stop (lost-state) and hand out nothing, as a joiner does."""
+    """A's data dir is lost and it comes back under its name with `seed=A,B` and no peer
+    given: it seeds the same ring on its own at once (so it was never polled), then B
+    connects and A hears B's copy, where its entries are in use.  It must stop
+    (lost-state) and hand out nothing, as a joiner does."""
     w = seeded((A, B))
     held = ok(w, A, w.call(A, Allocate("pod-a")))
     w.cut(A, B)
     w.nodes.pop(A)
     w.now = 10.0
-    w.add(A, f"seed={A},{B}", expect_peers=True)  # fresh state, same name, same seeds
-    w.run_until(16.0)  # alone past SEED_WAIT: it seeds the same ring on its own
+    w.add(A, f"seed={A},{B}")  # fresh state, same name, same seeds, no peer given
+    w.run_until(11.0)
     assert not w.nodes[A].alloc.ring.is_empty()
     w.connect(A, B)
     rid = w.call(A, Allocate("pod-a2"))
@@ -511,3 +539,93 @@ def test_without_auto_prime_consensus_waits_for_a_request() -> None:
     w.run_until(21.0)
     assert ok(w, A, rid) == "awaiting-consensus"
     assert w.nodes[B].alloc.ring.seeds == (A, B)
+
+
+# ---- the heir keeps what must outlive a node's data dir (issue 9) -------------------------
+
+
+def _disk_ring(n: Node) -> Any:
+    import msgpack
+
+    from weaveipam.core.ring import Ring
+
+    assert n.disk.ring is not None
+    return Ring.from_wire(msgpack.unpackb(n.disk.ring, raw=False), RANGE)
+
+
+def test_the_first_address_of_an_entry_waits_for_the_heir_and_the_mark_is_on_its_disk() -> None:
+    """A's heir is B.  While B is up but its answers are lost, C may not confirm A's "in
+    use" mark in B's place: should A's data dir be lost while C is down, A, back, waits
+    for B alone.  (Only while B is unreachable does the next peer in heir order stand in.)
+    Once B confirms, the mark is on B's disk, and the allocation is answered."""
+    w = seeded((A, B, C))
+    w.lossy.add(frozenset((A, B)))
+    rid = w.call(A, Allocate("pod-a"))
+    w.run_until(3.0)
+    assert w.reply(A, rid) is None
+    w.lossy.discard(frozenset((A, B)))
+    w.run_until(4.0)
+    got = ok(w, A, rid)
+    a = w.nodes[A].alloc
+    t = a.space.owning(got)
+    assert t is not None
+    disk = _disk_ring(w.nodes[B])
+    size = a.ring.end_of(t) - t
+    assert disk.entries[t][1] == A and disk.entries[t][2] < size  # marked in use, on B's disk
+    # kept over A's restart: the heir need not confirm again while it is away
+    w.cut(A, B)
+    w.nodes[A] = Node(A, f"seed={A},{B},{C}", w.now, w.nodes[A].disk)
+    w.connect(A, C)
+    w.run_until(w.now + 12.0)  # restarted with its data: in sync once C answers
+    assert ok(w, A, w.call(A, Allocate("pod-a2"))) != got
+
+
+def test_a_grant_reaches_its_receiver_only_once_the_donors_heir_holds_it() -> None:
+    """C's heir is A.  While C's messages to A are lost, B gets no space from C (should
+    C's data dir be lost, or rmpeer of C hand its ranges to A, while B is down, A would
+    take the piece as C's: two owners).  Once A has the grant on disk, B gets it, well
+    before GRANT_WAIT, after which a grant goes anyway (an rmpeer needs the peers' views
+    of who is on the ring to agree, and a pending grant's receiver may be new)."""
+    w = seeded((A, B, C))
+    w.cut(A, B)  # B can ask only C
+    w.lossy.add(frozenset((A, C)))
+    for i in range(200):
+        rid = w.call(B, Allocate(f"pod-b{i}"))
+        if w.reply(B, rid) is None:
+            break
+    else:
+        raise AssertionError("B never ran out of space")
+    w.run_until(0.9)
+    assert w.reply(B, rid) is None, w.reply(B, rid)
+    piece = [t for t, o in owners(w.nodes[C]).items()
+             if o == B and owners(w.nodes[B]).get(t) != B]
+    assert piece  # C gave it, and holds it back
+    assert all(t not in _disk_ring(w.nodes[A]).entries for t in piece)
+    w.lossy.discard(frozenset((A, C)))
+    w.run_until(1.6)
+    got = ok(w, B, rid)
+    t = w.nodes[B].alloc.space.owning(got)
+    assert t is not None and _disk_ring(w.nodes[A]).entries[t][1] == B
+
+
+def test_a_free_count_larger_than_its_entry_counts_as_used() -> None:
+    """A's entry, as B's ring shows it, is at a version older than a grant that cut it:
+    the receiver's piece (C's) is known there, A's newer version is not, so the free count
+    exceeds the entry.  A wrote after that version and may have handed out addresses:
+    back without its data, A must take the entry for used and stop (lost-state)."""
+    w = seeded((A, B))
+    b = w.nodes[B].alloc
+    t = next(t for t, e in b.ring.entries.items() if e[1] == A)
+    end = b.ring.end_of(t)
+    assert b.ring.entries[t][2] == end - t  # untouched as seeded
+    mid = (t + end) // 2
+    b.ring._set(mid, (0, C, end - mid))  # the grant's piece, as its receiver gossiped it
+    w.cut(A, B)
+    w.nodes.pop(A)
+    w.add(A, f"seed={A},{B}", expect_peers=True)  # A's data dir is lost, its name kept
+    w.connect(A, B)
+    rid = w.call(A, Allocate("pod-a"))
+    w.run_until(3.0)
+    r = w.reply(A, rid)
+    assert r is None or r.error is not None, r
+    assert w.nodes[A].alloc.state() == "lost-state"

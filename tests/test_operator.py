@@ -324,6 +324,43 @@ def test_store_lost_under_a_kept_name_stops_with_lost_state(cluster: Cluster) ->
     assert nb.allocate("after") not in got.values()
 
 
+def test_lost_store_back_alone_with_consensus_1_never_seeds_a_ring_of_its_own(
+        cluster: Cluster) -> None:
+    """Item 2 with item 1, found by the simulator: B's store is lost and B comes back under
+    its name, with `consensus=1` and A (the only other holder of the ring) down.  B used to
+    seed a ring of its own after 5 s and hand out addresses the cluster's pods hold.  It
+    waits instead, says why, and once A is back it stops in lost-state."""
+    a, b = cluster.add(2)
+    held = _alloc_many(a, "a", 3) | _alloc_many(b, "b", 5)
+    assert a.stop() == 0 and b.stop() == 0
+    for f in b.data_dir.glob("ipam.db*"):
+        f.unlink()
+    b.init = "consensus=1"
+    b.start()
+    time.sleep(7.0)  # past the 5 s after which it used to seed alone
+    rep = b.report()
+    assert rep["state"] in ("idle", "awaiting-consensus"), rep
+    assert rep["entries"] == [], rep["entries"]
+    assert "no peer reachable yet" in rep["advice"] and "give it no peers" in rep["advice"]
+    assert b.status("/readyz")[0] == 503
+    a.start()
+    wait_for(lambda: b.report()["state"] == "lost-state", what="lost-state once A answers")
+    code, text = b.api("POST", "/ip/fresh")
+    assert code == 503 and "data dir was lost" in text, (code, text)
+    assert a.allocate("a-after") not in held.values()
+    _no_split(cluster.nodes)
+
+
+def test_a_lone_node_given_only_its_own_address_still_starts_alone(cluster: Cluster) -> None:
+    """The other side of waiting for a peer: a shared peer list on a cluster's only node
+    names only the node itself, and that is no peer; it seeds and allocates."""
+    (n,) = cluster.add(1, init="consensus=1", start=False)
+    n.peers = [n.peer_addr]
+    n.start()
+    assert n.allocate("x", timeout=20.0).startswith("10.32.")
+    assert n.report()["state"] == "ready"
+
+
 def test_reset_of_a_lone_node_with_allocations(cluster: Cluster) -> None:
     """Item 4: reset on a lone node holding 5 addresses is refused with the reason and
     changes nothing, also over a restart; --force is accepted and says what it dropped."""

@@ -43,6 +43,27 @@ def test_the_paxos_property_catches_weaves_rule() -> None:
         assert paxos_violation(3, ops) is None
 
 
+# The allocator rule (tests/test_allocator.py) that catches each of issue 9's plants: the
+# simulator catches them too (their runs), but only on rare seeds; these catch them always.
+RULES = {
+    "witness_any_peer":
+        "test_the_first_address_of_an_entry_waits_for_the_heir_and_the_mark_is_on_its_disk",
+    "grant_unwitnessed": "test_a_grant_reaches_its_receiver_only_once_the_donors_heir_holds_it",
+    "seeds_alone_after_wait": "test_a_node_given_peers_never_seeds_alone_however_long_none_answers",
+    "stale_count_untouched": "test_a_free_count_larger_than_its_entry_counts_as_used",
+}
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_the_allocator_rule_catches_the_plant(name: str) -> None:
+    import test_allocator
+
+    rule = getattr(test_allocator, RULES[name])
+    rule()  # passes without the plant
+    with PLANTS[name].factory(), pytest.raises(AssertionError):
+        rule()
+
+
 @pytest.mark.parametrize("seed", range(1, 21))
 def test_crashes_right_after_replies_lose_nothing_without_a_plant(seed: int) -> None:
     """The fault that catches reply_before_persist is no cause of violations itself."""
@@ -51,7 +72,7 @@ def test_crashes_right_after_replies_lose_nothing_without_a_plant(seed: int) -> 
 
 
 def test_every_plant_has_its_checker_run_here() -> None:
-    elsewhere = {"weave_paxos_rule"}  # its own test above
+    elsewhere = {"weave_paxos_rule", *RULES}  # their own tests above
     assert {n for n, p in PLANTS.items() if not p.runs} == elsewhere
     for name, p in PLANTS.items():
         assert p.checker and p.kind and p.description, name

@@ -675,6 +675,9 @@ class Daemon:
                 timer.cancel()
             else:
                 await asyncio.sleep(TICK)
+            if self.allocator.expect_peers and self.mesh is not None \
+                    and self.mesh.only_ourselves():
+                self.allocator.no_other_peers()  # a shared peer list on its only node
             self._run("tick", lambda now: self.allocator.tick(now))
             self._expire_waiters()
 

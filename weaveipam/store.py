@@ -47,6 +47,7 @@ from weaveipam.core.records import (
     SetIdentity,
     SetPaxos,
     SetRing,
+    SetWitnessed,
     Snapshot,
 )
 from weaveipam.kube.nodealloc import DelNodeAddress, NodeRecord, PutNodeAddress, SetNodeRanges
@@ -60,6 +61,7 @@ _RECORD_TYPES: Final = (
     SetIdentity,
     SetRing,
     SetPaxos,
+    SetWitnessed,
     PutAllocation,
     DelAllocation,
     ClearAllocations,
@@ -258,7 +260,7 @@ def _check_records(records: Iterable[Record | NodeRecord]) -> tuple[Record | Nod
             if not isinstance(rec.source, str) or not isinstance(rec.ranges, str) \
                     or not isinstance(rec.previous, str):
                 raise StoreError(f"cannot store {rec!r}: source and ranges must be str")
-        elif isinstance(rec, SetRing | SetPaxos):
+        elif isinstance(rec, SetRing | SetPaxos | SetWitnessed):
             if not isinstance(rec.data, bytes | bytearray | memoryview):
                 raise StoreError(f"cannot store {rec!r}: data must be bytes")
         elif isinstance(rec, SetIdentity):
@@ -504,6 +506,7 @@ class Store:
             universe=self._meta(meta, "universe", str),
             ring=self._meta(meta, "ring", bytes),
             paxos=self._meta(meta, "paxos", bytes),
+            witnessed=self._meta(meta, "witnessed", bytes),
         )
         for (ident,) in idents:
             snap.allocations[ident] = {}
@@ -600,6 +603,8 @@ class Store:
             self._put_meta(conn, "ring", bytes(rec.data))
         elif isinstance(rec, SetPaxos):
             self._put_meta(conn, "paxos", bytes(rec.data))
+        elif isinstance(rec, SetWitnessed):
+            self._put_meta(conn, "witnessed", bytes(rec.data))
         elif isinstance(rec, SetIdentity):
             self._put_meta(conn, "name", rec.name)
             self._put_meta(conn, "universe", rec.universe)

@@ -30,6 +30,13 @@ class SetPaxos:
 
 
 @dataclass(frozen=True)
+class SetWitnessed:
+    """Our entries our heir confirmed as in use: msgpack of [[heir, offset], ...]."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
 class PutAllocation:
     ident: str
     address: int
@@ -50,7 +57,8 @@ class ClearAllocations:
     """Forget every allocation (reset, or handing everything away)."""
 
 
-Record = SetIdentity | SetRing | SetPaxos | PutAllocation | DelAllocation | ClearAllocations
+Record = (SetIdentity | SetRing | SetPaxos | SetWitnessed | PutAllocation | DelAllocation
+          | ClearAllocations)
 
 
 @dataclass
@@ -61,6 +69,7 @@ class Snapshot:
     universe: str | None = None
     ring: bytes | None = None
     paxos: bytes | None = None
+    witnessed: bytes | None = None
     # ident -> {address: note}, in insertion order
     allocations: dict[str, dict[int, str]] = field(default_factory=dict)
     # (ident, address) -> subnet prefix length, for the allocations that recorded one
@@ -73,6 +82,8 @@ class Snapshot:
             self.ring = rec.data
         elif isinstance(rec, SetPaxos):
             self.paxos = rec.data
+        elif isinstance(rec, SetWitnessed):
+            self.witnessed = rec.data
         elif isinstance(rec, PutAllocation):
             self.allocations.setdefault(rec.ident, {})[rec.address] = rec.note
             if rec.prefix is None:

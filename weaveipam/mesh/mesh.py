@@ -326,6 +326,11 @@ class Mesh:
             target.backoff, target.next_try, target.to_self = INITIAL_BACKOFF, 0.0, False
         self._wake.set()
 
+    def only_ourselves(self) -> bool:
+        """Was every peer address we were given our own (a shared peer list on a lone node)?"""
+        given = [t for t in self._targets.values() if t.explicit]
+        return bool(given) and all(t.to_self for t in given)
+
     def forget_peer(self, host: str, port: int) -> None:
         """Stop (re-)dialling ``host:port``.  Like Weave's ``forget``, a connection that
         is already up stays up; it just is not re-dialled once it drops.

@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
 from sortedcontainers import SortedDict
 
 from ..core.addr import CIDR, Range
@@ -31,6 +32,7 @@ from ..core.allocator import (
     Send,
 )
 from ..core.records import Snapshot
+from ..core.ring import Ring
 from .wire import transit
 
 
@@ -67,6 +69,9 @@ class SimNode:
     respawn_at: float | None = None  # the operator restarts it with fresh state then
     removal_done: bool = False   # an rmpeer of it took ranges: they are the heir's now
     removal_ok: bool = False     # an rmpeer of it succeeded (whatever it moved)
+    # back with old data after its removal: the ranges that data names as its own (the
+    # heir's now); space it is given afterwards is its own again
+    stale: list[Range] = field(default_factory=list)
     down_since: float = 0.0
     next_ident: int = 0
     bytes_sent: int = 0
@@ -75,6 +80,9 @@ class SimNode:
     bytes_out: int = 0
     rid_seq: int = 0
     inflight: dict[int, Request] = field(default_factory=dict)
+
+
+WIPE_APART = 30.0  # simulated seconds between two operator wipes of a data dir
 
 
 class Violation(Exception):
@@ -132,6 +140,7 @@ class Simulator:
         self.owned_of: dict[int, list[Range]] = {}
         self.index_key: dict[int, Any] = {}
         self.events: list[str] = []
+        self.last_wipe = -1e9
         # crashed the instant their last delivered batch acknowledged an allocation: their
         # later outputs never leave, and they go down at the next safe point of the step
         self.doomed: set[int] = set()
@@ -284,7 +293,7 @@ class Simulator:
         if isinstance(req, Allocate | Claim):
             a = int(r.value)
             key = (n.idx, req.ident)
-            if n.removed and n.removal_done:
+            if n.removed and n.removal_done and any(a in r_ for r_ in n.stale):
                 raise Violation("removed-allocated", f"{n.name}, removed with rmpeer and back "
                                 f"with its old data, acknowledged {req.ident} -> "
                                 f"{self.universe.fmt_addr(a)}")
@@ -399,12 +408,17 @@ class Simulator:
             self._add_node(init=self._other_init())
             self.stats["joins"] += 1
             self.stats["operator"] += 1
-        elif k == 1 and down:
+        down = [n for n in down if not self._island(n)]
+        if k == 1 and down:
             n = self.rng.choice(down)
             n.init = self._other_init()  # restarted with edited flags
             self.stats["operator"] += 1
             self._restart(n)
-        elif k == 2 and down:
+        elif k == 2 and down and self.now - self.last_wipe >= WIPE_APART:
+            # one data dir lost at a time: a node's marks live on its heir's disk until they
+            # spread, so a node and its heir both losing theirs in that window is beyond
+            # what one witness can cover (README, The engine: Lost state)
+            self.last_wipe = self.now
             n = self.rng.choice([m for m in down if not m.removed] or down)
             n.disk = Snapshot()  # the data dir is lost; the name (--name) is kept
             n.wiped = True
@@ -420,6 +434,16 @@ class Simulator:
                 self.stats["operator"] += 1
                 self.stats["resets"] += 1
                 self.request(n, Leave())
+
+    def _island(self, n: SimNode) -> bool:
+        """Would `n`, back fresh or with other flags, share a side of a partition only with
+        peers that hold no ring?  Together they could seed an island: detected when it
+        meets the ring, not prevented (README), so the operator faults do not make one.  A
+        node alone on its side is fair game: it must wait for a peer (issue 9)."""
+        if not self.side:
+            return False
+        mates = [m for m in self.live() if m is not n and self._connected(m.idx, n.idx)]
+        return bool(mates) and all(m.alloc is None or m.alloc.ring.is_empty() for m in mates)
 
     def forged_hello(self, victim: SimNode) -> None:
         """A stranger's hello claiming the victim's own name (no --password).
@@ -445,7 +469,13 @@ class Simulator:
                 # its old pods are gone: remove the old name, then start it afresh
                 self._crash(n)
                 n.respawn_at = self.now + 8.0
-                self._rmpeer(n)
+                if self.side:
+                    # not while partitioned (as for every rmpeer here): an heir that cannot
+                    # hear a peer the dead one gave space to takes that piece too
+                    n.removed, n.removal_ok, n.respawn_at = True, False, self.now
+                else:
+                    self._rmpeer(n)
+        self._resolve_split()
         for n in self.nodes:
             # not while partitioned: fresh nodes that make a quorum without any holder of the
             # ring seed a second one, and no rule can see the ring they cannot reach (README)
@@ -466,8 +496,34 @@ class Simulator:
                 n.respawn_at = None
                 self._restart(n)
 
+    def _resolve_split(self) -> None:
+        """Islands seeded apart meet (`split`): as the status says, keep one group and
+        reset every node of the other, whose pods then need new addresses."""
+        if self.side:
+            return
+        rings = [n for n in self.live() if n.alloc is not None and not n.alloc.ring.is_empty()]
+        if not any(n.alloc is not None and n.alloc.split for n in rings):
+            return
+        groups: dict[tuple[str, ...], int] = {}
+        for n in rings:
+            assert n.alloc is not None
+            groups[n.alloc.ring.seeds] = groups.get(n.alloc.ring.seeds, 0) + 1
+        keep = max(groups, key=lambda k: (groups[k], k))
+        for n in rings:
+            assert n.alloc is not None
+            if n.alloc.split and n.alloc.ring.seeds != keep:
+                self.stats["operator"] += 1
+                self._crash(n)
+                n.disk = Snapshot()
+                n.respawn_at = self.now + 1.0
+                for a in [a for a, (i, _) in self.ledger.items() if i == n.idx]:
+                    del self.ledger[a]
+                    self.orphans.discard(a)
+
     def _partition(self) -> None:
         live = self.live()
+        if not live:
+            return
         k = self.rng.randint(1, max(1, len(live) // 2))
         cut = {n.idx for n in self.rng.sample(live, k)}
         self.side = {i: (1 if i in cut else 0) for i in range(len(self.nodes))}
@@ -512,6 +568,12 @@ class Simulator:
         # else: back with its old data; it must refuse to work (n.removed stays set). Not
         # while partitioned: an heir that cannot see it come back takes its ranges over as
         # it was told, and no rule can stop that (rmpeer means "it is gone")
+        n.stale = []
+        if n.removed and n.disk.ring is not None:
+            r = Ring.from_wire(msgpack.unpackb(n.disk.ring, raw=False), self.universe)
+            if isinstance(r, Ring):
+                n.stale = [Range(o.start, o.end) for o in r.owned_by(n.name)]
+            n.stale += [Range(a, a + 1) for addrs in n.disk.allocations.values() for a in addrs]
         self._boot(n)
         self.stats["restarts"] += 1
         if n.wiped:
@@ -540,13 +602,15 @@ class Simulator:
         if not live:
             return
         callers = self.rng.sample(live, min(len(live), self.rng.choice([1, 1, 2])))
-        for c in callers:  # sometimes on two hosts at once (Weave #1949)
-            self.request(c, RmPeer(dead.name, gone))
         dead.removed = True
         dead.removal_ok = False
+        # its pods are gone before the operator runs rmpeer (an heir that needs to ask no
+        # one takes over, and serves waiting requests, within the request itself)
         for a in [a for a, (i, _) in self.ledger.items() if i == dead.idx]:
             del self.ledger[a]
             self.orphans.discard(a)
+        for c in callers:  # sometimes on two hosts at once (Weave #1949)
+            self.request(c, RmPeer(dead.name, gone))
 
     # ---- invariants ----------------------------------------------------------------------
 

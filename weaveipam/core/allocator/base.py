@@ -17,9 +17,9 @@ import msgpack
 from ..addr import CIDR, AddrError, Range
 from ..paxos import Paxos
 from ..records import Record, SetRing, Snapshot
-from ..ring import Ring
+from ..ring import FREE_CAP, Ring
 from ..space import Space
-from .interface import Event, Fail, InitMode, Output, Persist, Reply, Request, Send
+from .interface import Event, Fail, InitMode, Output, Persist, Reply, Request, RmPeer, Send
 
 # Timings, in seconds of the clock the shell passes in.
 OP_TIMEOUT = 30.0         # pending allocate/claim/rmpeer give up with a clear error
@@ -29,9 +29,8 @@ GOSSIP_INTERVAL = 0.5     # ring deltas are batched this long
 ANTI_ENTROPY = 3.0        # digest exchange with one random peer
 SPLIT_FORGET = 30.0
 AUTO_PRIME_AFTER = 5.0
-# given peers but none reachable yet: how long before a node may seed a ring alone
-SEED_WAIT = 5.0
-WITNESS_RETRY = 0.5      # ask another peer to confirm an entry is in use
+WITNESS_RETRY = 0.5      # ask our heir again to confirm an entry is in use
+GRANT_WAIT = 2.0          # longest a grant waits for our heir before it goes anyway
 SYNC_GRACE = 10.0         # after a restart with no in-sync peer, trust merged rings
 RING_ASK_RETRY = 0.25     # not in sync, answered by a peer that is not either: ask again
 TAKEOVER_WAIT = 2.0       # rmpeer heir: longest wait for every peer's ring before acting
@@ -48,6 +47,18 @@ class _Pending:
     req: Request
     deadline: float
     asked: dict[str, float] = field(default_factory=dict)  # donor -> when
+
+
+@dataclass
+class _Grant:
+    """A piece we gave away, held back from its receiver until our heir has it on disk."""
+
+    to: str
+    toks: dict[int, int]  # token -> version our heir must hold
+    before: dict[int, Any]  # token -> its entry before the grant (None: new token)
+    asked: float
+    since: float
+    confirmed: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -123,13 +134,15 @@ class AllocatorBase:
         self.rm_gone: dict[str, tuple[str, ...]] = {}  # dead -> others named gone with it
         # Before seeding a ring we must know that no reachable peer already holds one:
         # peers that told us they have none (an empty full ring, or Paxos claims).  A node
-        # given peers waits SEED_WAIT for one to answer before it may seed alone.
+        # given peers waits for one to answer before it may seed (Seeding._clear_to_seed).
         self.heard: set[str] = set()
+        self.rings_from: set[str] = set()  # every peer that sent its full ring, this start
+        self.rm_told: str | None = None  # a peer that told us an rmpeer of us is pending
         self.next_unheard_ask = now
-        # our entries a peer confirmed as in use, this start (Requests._witnessed)
-        self.witnessed: set[int] = set()
+        # our entries our heir confirmed as in use -> that heir (Requests._witnessed)
+        self.witnessed: dict[int, str] = {}
         self.witness_asked: dict[int, float] = {}
-        self.seed_wait_until = now + SEED_WAIT if expect_peers else now
+        self.grants: list[_Grant] = []  # (Requests._donate)
         self.expect_peers = expect_peers
         self.self_seeded = False  # this start seeded the ring itself, not vetted since
         self._restore(snapshot)
@@ -154,8 +167,29 @@ class AllocatorBase:
 
     def _full_ring(self, ae: bool = False) -> dict[str, Any]:
         # "ok": whether we are in sync ourselves; a stale ring must not make anyone synced
-        return {"t": "ring", "full": True, "ae": ae, "ok": self.synced,
-                "ring": self.ring.to_wire()}
+        msg = {"t": "ring", "full": True, "ae": ae, "ok": self.synced,
+               "ring": self._shown_ring().to_wire()}
+        rm = {p.req.name for p in self.rm_pending.values() if isinstance(p.req, RmPeer)}
+        if rm or self.takeovers:
+            # peers an rmpeer asked here is not answered for yet: one back with its old
+            # data must hear its heir before it trusts its ranges (RingSync._dispatch)
+            msg["rm"] = sorted(rm | set(self.takeovers))
+        return msg
+
+    def _shown_ring(self) -> Ring:
+        """Our ring as we show it whole: without the grants our heir does not hold yet
+        (Requests._donate), so that their receivers cannot learn them from it."""
+        if not self.grants:
+            return self.ring
+        r = self.ring.copy()
+        for g in reversed(self.grants):
+            for t, e in g.before.items():
+                if e is None:
+                    r.entries.pop(t, None)
+                else:
+                    r.entries[t] = e
+        r._digest = None
+        return r
 
     def _reply(self, rid: int, value: Any = None) -> None:
         self.out.append(Reply(rid, value))
@@ -179,6 +213,14 @@ class AllocatorBase:
             return self.universe.fmt_addr(a)
         except (ValueError, AddrError):
             return str(a)
+
+    def _untouched(self, t: int) -> bool:
+        """Does the ring show entry `t` as never used: free count equal to its size?
+
+        Less is an address in use (or an "in use" mark).  More is a version older than a
+        grant that cut the entry: its owner wrote after it, and may have handed out
+        addresses since; a node back without its data must not take that for unused."""
+        return bool(self.ring.entries[t][2] == min(self.ring.end_of(t) - t, FREE_CAP))
 
     def reachable(self) -> set[str]:
         return self._reach
@@ -209,6 +251,12 @@ class AllocatorBase:
 
     def _polled(self) -> None:  # takeover.py
         raise NotImplementedError
+
+    def heir_for(self, dead: str) -> str:  # takeover.py
+        raise NotImplementedError
+
+    def _merge(self, sender: str, r: Ring, full: bool, ae: bool, ok: bool) -> str | None:
+        raise NotImplementedError  # sync.py
 
     def _vet_seeded(self) -> None:
         """Hear every reachable peer's ring before handing anything out from a ring we

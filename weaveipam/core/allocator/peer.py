@@ -46,6 +46,12 @@ class Allocator(RingSync):
                     f"here, {seeds} at peer {peer}. Keep one group: on every node of the "
                     "other group run `weaveipam reset` and restart it pointing at this group, "
                     "with --ipalloc-init consensus=N where N is the whole cluster size.")
+        if s in ("awaiting-consensus", "idle") and not self.reachable() \
+                and (self.expect_peers or self.peers):
+            return (f"{s}: no peer reachable yet. A node given peers seeds no ring before "
+                    "it hears one (the cluster's ring may exist beyond them); check that "
+                    "the peer addresses are right and reachable. To start a new cluster's "
+                    "first node alone, give it no peers")
         if s == "awaiting-consensus" and self.paxos is not None:
             return (f"awaiting consensus (quorum: {self.paxos.quorum}, known: "
                     f"{self.paxos.known()}): start at least {self.paxos.quorum} peers "
@@ -60,6 +66,10 @@ class Allocator(RingSync):
                     "node's address among their peers")
         if s == "rejoining" and self.vetting:
             heir = self.heir_for(self.name)
+            if heir in self.polling and self.restored:
+                return (f"restarted while peer {self.rm_told} waits for an rmpeer of this "
+                        f"node: waiting to hear peer {heir}, which may have taken its ranges "
+                        f"over (if {heir} is gone for good, run `weaveipam rmpeer {heir}`)")
             if heir in self.polling:
                 return (f"rejoined fresh with ranges under our name: waiting to hear peer "
                         f"{heir}, which would have taken them over (if it is gone for good, "
@@ -154,6 +164,8 @@ class Allocator(RingSync):
                 self._send(peer, {"t": "ring?", "all": True})
         if self.vetting or self.takeovers:
             self._polled()
+        if self.grants:
+            self._grants_retry()
         if (self.ring.is_empty() or not self.synced) and now >= self.next_ring_ask:
             # restarted or new: ask one live peer for its ring rather than wait for gossip
             self.next_ring_ask = now + 1.0
@@ -192,15 +204,23 @@ class Allocator(RingSync):
                 self._send(self.rng.choice(live), {"t": "digest", "d": self.ring.digest()})
         self._flush()
 
+    def no_other_peers(self) -> None:
+        """The shell found that every peer address we were given is our own: we were
+        given no peers after all, and may seed alone (Seeding._clear_to_seed)."""
+        self.expect_peers = False
+
     def _timeout_reason(self, p: _Pending) -> str:
         s = self.state()
         if s in ("ready", "waiting-for-space") and isinstance(p.req, Allocate):
             w = (p.req.subnet or self.default_subnet).usable()
             if self.space.has_free(w):
-                return (f"timed out after {self.op_timeout:g}s: no reachable peer confirmed "
-                        "that this node's range is in use (a peer must know, so that its "
-                        "addresses are never handed out twice if this node loses its data "
-                        "dir); check this node's connections to its peers")
+                heir = self.heir_for(self.name)
+                return (f"timed out after {self.op_timeout:g}s: peer {heir}, this node's "
+                        "heir, has not confirmed that this node's range is in use (it must "
+                        "hold that on its disk before the range's first address is handed "
+                        "out, so that the addresses are never handed out twice if this node "
+                        "loses its data dir); check the connection to it, or if it is gone "
+                        f"for good run `weaveipam rmpeer {heir}`")
             return f"timed out after {self.op_timeout:g}s: " + self._no_space_reason(w)
         return f"timed out after {self.op_timeout:g}s: {self.state_text()}"
 

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import msgpack
+
 from ..addr import CIDR, Range
-from ..records import DelAllocation, PutAllocation
+from ..records import DelAllocation, PutAllocation, SetWitnessed
 from ..ring import FREE_CAP
-from .base import MAX_IDENT, SPACE_RETRY, WITNESS_RETRY, AllocatorBase, _Pending
+from .base import (
+    GRANT_WAIT,
+    MAX_IDENT,
+    SPACE_RETRY,
+    WITNESS_RETRY,
+    AllocatorBase,
+    _Grant,
+    _Pending,
+)
 from .interface import Allocate, Claim, Release, Request
 
 
@@ -102,34 +112,47 @@ class Requests(AllocatorBase):
         self._persist(PutAllocation(ident, a, note, prefix))
 
     def _witnessed(self, a: int) -> bool:
-        """Has a peer confirmed that the entry holding `a` is in use?
+        """Has our heir (or the peer standing in for it) confirmed that the entry holding
+        `a` is in use?
 
         Only peers outlive the loss of our data dir: if we came back fresh under our name,
         the ring must show every entry we ever used as used, or it would be handed back to
         us as empty while pods still hold its addresses (lost_state).  So before the first
-        address of an entry is handed out (once per entry and start), the entry is marked
-        used, durably, and one peer confirms it has that mark.  A lone peer has nobody to
-        tell and nobody to hand its ranges back to it.
+        address of an entry is handed out, the entry is marked used, durably, and our heir
+        confirms it has that mark on its disk.  The heir, because a returning fresh node
+        waits to hear its heir before it trusts its entries (Takeover._polled); while the
+        heir is unreachable, the next reachable peer in heir order stands in (a node must
+        not stop allocating because one peer is down), and the mark spreads from there to
+        every peer's disk as any ring change does.  A lone peer has nobody to tell.
         """
         t = self.space.owning(a)
-        if t is None or t not in self.ring.entries or set(self.ring.peers()) <= {self.name}:
+        target = self._witness_target()
+        if t is None or t not in self.ring.entries or target is None:
             return True
-        v = self.ring.entries[t]
-        untouched = v[2] >= min(self.ring.end_of(t) - t, FREE_CAP)  # as the ring shows it
-        if t in self.witnessed and not untouched:
+        untouched = self._untouched(t)
+        w = self.witnessed.get(t)
+        if w is not None and w in (target, self._witness()) and not untouched:
             return True
-        self.witnessed.discard(t)  # emptied and shown so: it must be marked again
-        if self.now - self.witness_asked.get(t, -1e9) >= WITNESS_RETRY:
-            live = sorted(self.reachable())
-            if live:
-                self.witness_asked[t] = self.now
-                if untouched:
-                    self.ring.set_free(t, max(0, v[2] - 1))
-                    self._persist_ring()  # every version we send is on disk first
-                    self.dirty.add(t)
-                for peer in self.rng.sample(live, min(2, len(live))):
-                    self._send(peer, {"t": "used", "ring": self.ring.to_wire([t])})
+        if self.witnessed.pop(t, None) is not None:
+            # emptied and shown so, or a new heir that may not hold the mark: mark again
+            self._persist_witnessed()
+        if self.now - self.witness_asked.get(t, -1e9) >= WITNESS_RETRY \
+                and target in self.reachable():
+            self.witness_asked[t] = self.now
+            if untouched:
+                v = self.ring.entries[t]
+                self.ring.set_free(t, max(0, v[2] - 1))
+                self._persist_ring()  # every version we send is on disk first
+                self.dirty.add(t)
+            self._send(target, {"t": "used", "ring": self.ring.to_wire([t])})
         return False
+
+    def _persist_witnessed(self) -> None:
+        """Keep what our heir confirmed: after a restart with our data those entries need
+        no new confirmation (their heir may be down then), the others do."""
+        u = self.universe.start
+        self._persist(SetWitnessed(msgpack.packb(
+            [[h, t - u] for t, h in sorted(self.witnessed.items())], use_bin_type=True)))
 
     def _release(self, rid: int, req: Release) -> None:
         addrs = self.allocs.get(req.ident)
@@ -205,6 +228,7 @@ class Requests(AllocatorBase):
 
     def _donate(self, to: str, window: Range) -> None:
         piece = self.space.donation(window)
+        heir = self._witness_target()
         if piece is None:
             # nothing here: tell them our true free counts so they ask someone else
             changed = self._report_free(exact=True)
@@ -212,16 +236,70 @@ class Requests(AllocatorBase):
             if toks:
                 self._send(to, {"t": "ring", "full": False, "ring": self.ring.to_wire(toks)})
             return
+        before = dict(self.ring.entries)
         changed = self.ring.grant(piece.start, piece.end, to, self.name, piece.size)
         self._owned_changed()
         for t in changed:
             if self.ring.entries[t][1] == self.name:
                 self.ring.set_free(t, self._shown_free(t))
         self._persist_ring()
-        self._send(to, {"t": "ring", "full": False, "ring": self.ring.to_wire(changed)})
-        self.dirty.update(changed)
-        self.urgent = True
         self._event("info", f"gave {self._fmt(piece.start)}+{piece.size} to {to}")
+        if heir is None:
+            self._send_grant(to, changed)
+            return
+        # Our heir should hold the grant before its receiver does: should our data dir be
+        # lost, or rmpeer hand our ranges to the heir, while the receiver is down, nobody
+        # else would know that the piece is no longer ours (two owners).  At most
+        # GRANT_WAIT: a pending grant makes our view of the ring's peers differ from the
+        # others' (its receiver may be new), and an rmpeer needs them to agree on heirs.
+        g = _Grant(to, {t: self.ring.entries[t][0] for t in changed},
+                   {t: before.get(t) for t in changed}, self.now, self.now)
+        self.grants.append(g)
+        self._send(heir, {"t": "used", "ring": self.ring.to_wire(changed)})
+
+    def _send_grant(self, to: str, toks: list[int]) -> None:
+        self._send(to, {"t": "ring", "full": False, "ring": self.ring.to_wire(toks)})
+        self.dirty.update(toks)
+        self.urgent = True
+
+    def _witness(self) -> str | None:
+        """The peer that must hold our marks and grants on disk: our heir (None: alone)."""
+        if set(self.ring.peers()) <= {self.name}:
+            return None
+        heir = self.heir_for(self.name)
+        return None if heir == self.name else heir
+
+    def _witness_target(self) -> str | None:
+        """Whom to ask: our heir, or while it is unreachable the next reachable peer in
+        heir order (the heir again if none is: then we wait)."""
+        heir = self._witness()
+        live = self.reachable()
+        if heir is None or heir in live:
+            return heir
+        cands = sorted(set(self.ring.peers()) - set(self.ring.removed) - {self.name})
+        order = [c for c in cands if c > self.name] + [c for c in cands if c < self.name]
+        return next((c for c in order if c in live), heir)
+
+    def _grants_confirmed(self, conf: dict[int, int]) -> None:
+        """Our heir holds these versions: hand over the grants it now holds whole."""
+        for g in list(self.grants):
+            for t, v in conf.items():
+                if t in g.toks:
+                    g.confirmed[t] = max(v, g.confirmed.get(t, -1))
+            if all(g.confirmed.get(t, -1) >= v for t, v in g.toks.items()):
+                self.grants.remove(g)
+                self._send_grant(g.to, sorted(g.toks))
+
+    def _grants_retry(self) -> None:
+        heir = self._witness_target()
+        for g in list(self.grants):
+            if heir is None or self.now - g.since >= GRANT_WAIT:
+                self.grants.remove(g)
+                self._send_grant(g.to, sorted(g.toks))
+            elif self.now - g.asked >= WITNESS_RETRY and heir in self.reachable():
+                g.asked = self.now
+                toks = [t for t in g.toks if t in self.ring.entries]
+                self._send(heir, {"t": "used", "ring": self.ring.to_wire(toks)})
 
     def _owned_changed(self) -> None:
         self.space.set_owned([Range(o.start, o.end) for o in self.ring.owned_by(self.name)])

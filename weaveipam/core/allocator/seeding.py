@@ -68,10 +68,14 @@ class Seeding(Requests):
         """May we start a ring of our own?  Only once every reachable peer has told us it
         has none: a joiner whose --ipalloc-init differs from the founders' (or that was
         started with the defaults) must join their ring, not seed a second one and hand
-        out addresses they hold.  Given peers and none reachable: after SEED_WAIT."""
+        out addresses they hold.  Given peers (or knowing any) and none reachable: never.
+        A cluster may exist beyond a partition or behind a dead link, and a ring of our own
+        would hand out its addresses until the two met (a node whose data dir was lost,
+        back alone with --ipalloc-init consensus=1).  A first node starts alone only if it
+        was given no peers."""
         live = self.reachable()
         if not live:
-            return self.now >= self.seed_wait_until
+            return not (self.expect_peers or self.peers)
         return live <= self.heard
 
     def _wants_seed(self) -> bool:

@@ -28,6 +28,8 @@ class RingSync(Takeover):
                 if isinstance(r, RingError):
                     raise ValueError(f"stored ring is unreadable: {r.message}")
                 self.ring = r
+            if snap.witnessed is not None:
+                self._restore_witnessed(snap.witnessed)
             if snap.paxos is not None and self.paxos is not None:
                 c = Paxos.decode(msgpack.unpackb(snap.paxos, raw=False))
                 if isinstance(c, dict):
@@ -54,6 +56,18 @@ class RingSync(Takeover):
                                for o in self.ring.owned_by(self.name)}
         if self.init.kind == "seed" and self.ring.is_empty() and self._clear_to_seed():
             self._seed(self.init.seeds)  # else once the peers have said they hold no ring
+
+    def _restore_witnessed(self, data: bytes) -> None:
+        try:
+            pairs = msgpack.unpackb(data, raw=False)
+        except (ValueError, msgpack.UnpackException):
+            return  # only costs a new confirmation
+        u = self.universe
+        if isinstance(pairs, list):
+            for x in pairs:
+                if isinstance(x, list) and len(x) == 2 and valid_name(x[0]) \
+                        and type(x[1]) is int and 0 <= x[1] < u.size:
+                    self.witnessed[u.start + x[1]] = x[0]
 
     def peer_up(self, name: str, nickname: str, now: float) -> None:
         self.now = now
@@ -94,39 +108,61 @@ class RingSync(Takeover):
             self._reach.discard(name)
 
     def _on_used(self, sender: str, msg: dict[str, Any]) -> str | None:
-        """A peer marks one of its entries used: keep the mark and confirm we have it."""
+        """A peer marks one of its entries used (or gives a piece away), and asks us, its
+        heir or the peer standing in for it: keep it on disk and confirm.  Only once our
+        ring is one we keep on disk: the confirmation promises that the mark outlives the
+        peer's data dir."""
         r = Ring.from_wire(msg.get("ring"), self.universe)
         if isinstance(r, RingError):
             return r.message
         if self.ring.is_empty() or r.is_empty():
             return None  # nothing to keep it in yet; the peer asks again
         err = self._merge(sender, r, False, False, True)
+        if self.vetting or not (self.vetted or self.restored) or self.fault:
+            return err  # it asks again (or another peer)
         ok: list[int] = []
         newer: list[int] = []
         for t, e in r.entries.items():
             cur = self.ring.entries.get(t)
-            if e[1] == sender and cur is not None and cur[1] == sender:
-                (ok if cur[0] == e[0] else newer if cur[0] > e[0] else []).append(t)
+            if cur is None:
+                continue
+            if cur[0] > e[0] and e[1] == sender and cur[1] == sender:
+                newer.append(t)
+            elif cur[0] >= e[0]:
+                # we hold it, or what superseded it: its own entries, and the pieces it
+                # granted (Requests._donate), which their receivers (or an heir of theirs)
+                # may have changed since
+                ok.append(t)
         if newer:
             # we hold a later version of its own entry than it knows: an earlier instance
             # under its name wrote it (a lost data dir): no confirmation, but what it missed
             self._send(sender, {"t": "ring", "full": False, "ring": self.ring.to_wire(newer)})
         if ok:
+            self._persist_ring()  # durable before the confirmation leaves (same batch)
             # offsets from the range's start: IPv6 addresses do not fit msgpack's integers
             u = self.universe.start
-            self._send(sender, {"t": "used-ok", "tok": [t - u for t in ok]})
+            self._send(sender, {"t": "used-ok", "tok": [t - u for t in ok],
+                                "v": [self.ring.entries[t][0] for t in ok]})
         return err
 
-    def _on_used_ok(self, msg: dict[str, Any]) -> str | None:
-        toks = msg.get("tok")
+    def _on_used_ok(self, sender: str, msg: dict[str, Any]) -> str | None:
+        toks, vers = msg.get("tok"), msg.get("v")
         if not isinstance(toks, list) or len(toks) > 1024 or \
                 not all(type(t) is int for t in toks):
             return "used-ok without a token list"
+        if not isinstance(vers, list) or len(vers) != len(toks) or \
+                not all(type(v) is int for v in vers):
+            return "used-ok without a version for each token"
+        if sender not in (self._witness(), self._witness_target()):
+            return None  # asked under an older ring: the current heir must hold the mark
         u = self.universe.start
+        self._grants_confirmed({u + t: v for t, v in zip(toks, vers, strict=True)})
         mine = {u + t for t in toks if (e := self.ring.entries.get(u + t)) is not None
-                and e[1] == self.name}
-        if mine - self.witnessed:
-            self.witnessed |= mine
+                and e[1] == self.name and self.witnessed.get(u + t) != sender}
+        if mine:
+            for t in mine:
+                self.witnessed[t] = sender
+            self._persist_witnessed()
             for p in list(self.pending):
                 self._retry(p)
         return None
@@ -180,6 +216,18 @@ class RingSync(Takeover):
                                   msg.get("ok", True) is True)
             if msg["full"]:
                 self.heard.add(sender)
+                self.rings_from.add(sender)
+                rm = msg.get("rm")
+                if self.vetting and self.restored and isinstance(rm, list) \
+                        and self.name in rm:
+                    # back with our data while an rmpeer of us is under way: only our heir
+                    # knows whether it took our ranges (it may have, and then crashed)
+                    heir = self.heir_for(self.name)
+                    if heir != self.name and heir not in self.polling:
+                        self.rm_told = sender
+                        self.polling.add(heir)
+                        if heir in self.reachable():
+                            self._send(heir, {"t": "ring?", "all": True})
             if msg["full"] and sender in self.polling:
                 self.polling.discard(sender)
                 self._polled()
@@ -221,11 +269,11 @@ class RingSync(Takeover):
             self._on_rmpeer(sender, n, i, tuple(g))
             return None
         if t == "rmpeer-done":
-            return self._on_rmpeer_done(msg)
+            return self._on_rmpeer_done(sender, msg)
         if t == "used":
             return self._on_used(sender, msg)
         if t == "used-ok":
-            return self._on_used_ok(msg)
+            return self._on_used_ok(sender, msg)
         return f"unknown message type {t[:32]!r}"
 
     def _merge(self, sender: str, r: Ring, full: bool, ae: bool, ok: bool) -> str | None:
@@ -292,10 +340,13 @@ class RingSync(Takeover):
         self.dirty.update(res)
         if res:
             self.last_change = self.now
-        before = self.space.owned_size()
         me = self.name
         if was_empty or any(self.ring.entries[t][1] == me or self.space.owns(t) for t in res):
             self._owned_changed()  # only changes at or inside our ranges can move them
+            if self.vetted and not self.vetting:
+                # fresh, and a ring heard later shows ranges of our name in use that the
+                # first one did not (a stale copy, or a grant still held back)
+                self._check_lost_state()
         if self.name in self.ring.removed and not self.known_removed:
             # fresh (reset) state: the removal is history, carry on under the same name;
             # restored old data: its ranges are the heir's now, refuse to work
@@ -306,8 +357,10 @@ class RingSync(Takeover):
             self._stop("removed", f"this peer was removed with rmpeer; its ranges now belong "
                        f"to {heir}. Run `weaveipam reset` on this host to rejoin with fresh "
                        "state (its pods need new addresses)")
-        if was_empty or self.space.owned_size() != before:
-            self._persist_ring()
+        # Every change we learn goes to disk, not only changes to our ranges: a peer's "in
+        # use" marks and grants must outlive that peer's data dir in as many places as
+        # possible (its heir holds them for certain; a returning node hears every peer)
+        self._persist_ring()
         if was_empty:
             self._event("info", f"joined ring seeded by {','.join(self.ring.seeds)}")
         for p in list(self.pending):

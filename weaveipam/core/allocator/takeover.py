@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..records import ClearAllocations
-from ..ring import FREE_CAP, valid_name
+from ..ring import Ring, RingError, valid_name
 from ..space import Space
 from .base import TAKEOVER_WAIT, _Pending
 from .interface import RmPeer
@@ -195,8 +195,14 @@ class Takeover(Seeding):
             else:
                 self._reply(rid, res)
         else:
-            self._send(sender, {"t": "rmpeer-done", "id": rid, "moved": res["moved"],
-                                "n": dead, "heir": res["heir"], "err": err})
+            done = {"t": "rmpeer-done", "id": rid, "moved": res["moved"],
+                    "n": dead, "heir": res["heir"], "err": err}
+            if not err:
+                # the removal travels with the answer: should we crash before gossiping it,
+                # the peer that asked still knows, and tells `dead` if it comes back with
+                # its old data (persisted there like any merged change)
+                done["ring"] = self._shown_ring().to_wire()
+            self._send(sender, done)
 
     def _take_over_later(self, dead: str, sender: str | None, rid: int,
                          gone: tuple[str, ...] = ()) -> None:
@@ -221,7 +227,16 @@ class Takeover(Seeding):
         done = not (self.polling & self.reachable())
         # no deadline: while our heir is unheard it may have taken our ranges over (a
         # partition kept the news from the others); only a ring naming another heir ends it
-        vetted = done and self.heir_for(self.name) not in self.polling
+        heir = self.heir_for(self.name)
+        if self.vetting and not self.restored and heir != self.name \
+                and heir not in self.rings_from and heir not in self.polling:
+            # fresh: our heir holds every "in use" mark we made (Requests._witnessed), and
+            # the rings we heard may name another heir than the one we first asked
+            self.polling.add(heir)
+            if heir in self.reachable():
+                self._send(heir, {"t": "ring?", "all": True})
+                done = False
+        vetted = done and heir not in self.polling
         if self.vetting and vetted:
             self.vetting = False
             self.synced = True
@@ -243,10 +258,12 @@ class Takeover(Seeding):
         lost its data dir (Weave #2610).  Its pods may still hold them; we cannot know
         which, so we hand out none.  A new name (a new data dir gets one) rejoins, and
         rmpeer of the old name frees its ranges once those pods are gone."""
-        used = [o for o in self.ring.owned_by(self.name)
-                if self.ring.entries[o.start][2] < min(o.end - o.start, FREE_CAP)]
-        if self.restored or self.allocs or not used:
+        if self.restored or self.allocs or self.fault:
             return
+        used = [o for o in self.ring.owned_by(self.name)
+                if not self._untouched(o.start) and o.start not in self.witness_asked]
+        if not used:
+            return  # (an entry we marked ourselves, this start, is ours to use)
         total = sum(o.end - o.start for o in self.ring.owned_by(self.name))
         self._stop("lost-state", (
             f"the cluster's ring gives this peer's name {self.name} {total} addresses, some "
@@ -262,11 +279,18 @@ class Takeover(Seeding):
             # one takeover: to later callers it was done already (moved nothing)
             self._rmpeer_answer(sender, rid, dead, {**res, "moved": 0} if i else res, err)
 
-    def _on_rmpeer_done(self, msg: dict[str, Any]) -> str | None:
+    def _on_rmpeer_done(self, sender: str, msg: dict[str, Any]) -> str | None:
         i, moved, heir, err, n = (msg.get(k) for k in ("id", "moved", "heir", "err", "n"))
         if type(i) is not int or type(moved) is not int or not valid_name(heir) \
                 or not isinstance(err, str) or not valid_name(n):
             return "rmpeer reply malformed"
+        if "ring" in msg and not self.ring.is_empty():
+            r = Ring.from_wire(msg["ring"], self.universe)
+            if isinstance(r, RingError):
+                return r.message
+            bad = self._merge(sender, r, False, False, True)
+            if bad:
+                return bad
         p = self.rm_pending.pop(i, None)
         if p is None:
             return None
